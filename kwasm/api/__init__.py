@@ -1,0 +1,1 @@
+"""kwasm.api package."""

@@ -1,0 +1,7 @@
+"""kwasm CLI command group: run."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer()

@@ -1,0 +1,1 @@
+"""kwasm.runtime package."""
