@@ -1,0 +1,189 @@
+"""One scheduler thread: runs many guests cooperatively, waking only those that are due.
+
+Each guest's ``_start`` is a wasmtime call future. A guest runs until it suspends in an async host
+call (a sleep, a read on an empty pipe, ``sched_yield``) or until an epoch tick makes it yield. The
+thread then waits in ``epoll`` for the earliest timer, a readable stdin, or a message from another
+thread (a new guest, a kill, stop). Timers live in a heap, so an idle guest costs no CPU at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import itertools
+import os
+import select
+import threading
+import time
+from typing import Protocol
+
+from kwasm.runtime.ffi import ReadyFlag
+from kwasm.runtime.guest import ExitReason
+
+
+class Task(Protocol):
+    """What the scheduler needs from a guest."""
+
+    wait_seq: int
+    ready_flag: ReadyFlag
+
+    def run_slice(self) -> bool:
+        """Poll the guest once; True when it has finished (and has been cleaned up)."""
+
+    def abort(self, reason: ExitReason) -> None:
+        """Stop a guest that is not running right now (killed / timed out)."""
+
+
+_TIMEOUT = -1  # the sequence number of a heap entry that enforces GuestSpec.timeout
+
+
+class Scheduler:
+    """A thread multiplexing guests; every method except the ``*_later`` ones runs on that thread."""
+
+    def __init__(self, name: str) -> None:
+        self._inbox: collections.deque[tuple[str, Task, ExitReason | float | None]] = collections.deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._timers: list[tuple[float, int, int, Task]] = []
+        self._order = itertools.count()
+        self._runnable: collections.deque[tuple[Task, float]] = collections.deque()
+        self._fd_waiters: dict[int, list[tuple[int, Task]]] = {}
+        self._tasks: set[Task] = set()
+        self._stopping = False
+        self._sleeping = False  # in epoll_wait: only then does a poster need to signal the eventfd
+        #: Guests assigned to this scheduler and not yet reaped (read by the engine to balance load).
+        self.load = 0
+        #: When a list: every timer wake-up appends its lag (seconds from due time to resumption).
+        self.wake_lags: list[float] | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- called from any thread -------------------------------------------------------------
+    def start_later(self, task: Task, timeout: float | None) -> None:
+        """Hand a freshly instantiated guest to this thread."""
+        self.load += 1
+        self._post("start", task, timeout)
+
+    def kill_later(self, task: Task, reason: ExitReason) -> None:
+        """Ask this thread to stop ``task`` (it yields within one epoch tick if it is running)."""
+        self._post("kill", task, reason)
+
+    @property
+    def is_current(self) -> bool:
+        """Whether the calling code runs on this scheduler thread (e.g. inside an on_exit callback)."""
+        return threading.current_thread() is self._thread
+
+    def stop(self) -> None:
+        """Kill every guest, end the thread and wait for it."""
+        self._stopping = True
+        self._signal()
+        self._thread.join()
+
+    def _post(self, op: str, task: Task, arg: ExitReason | float | None) -> None:
+        self._inbox.append((op, task, arg))
+        if self._sleeping:  # read after the append: a scheduler about to sleep re-checks the inbox
+            self._signal()
+
+    def _signal(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # counter saturated: a wake-up is pending anyway
+            os.eventfd_write(self._wake_fd, 1)
+
+    # ---- called on the scheduler thread by host functions ----------------------------------
+    def suspend(self, task: Task, deadline: float | None, fd: int | None) -> None:
+        """Park ``task`` until ``deadline`` (monotonic) or until ``fd`` is readable."""
+        task.wait_seq += 1
+        task.ready_flag.clear()
+        if deadline is not None:
+            heapq.heappush(self._timers, (deadline, next(self._order), task.wait_seq, task))
+        if fd is not None:
+            waiters = self._fd_waiters.get(fd)
+            if waiters is None:
+                self._fd_waiters[fd] = [(task.wait_seq, task)]
+                self._epoll.register(fd, select.EPOLLIN)
+            else:
+                waiters.append((task.wait_seq, task))
+
+    def release_fd(self, fd: int) -> None:
+        """Forget every wait on ``fd`` before its owner closes it."""
+        if self._fd_waiters.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                self._wake_due_timers()
+                for _ in range(len(self._runnable)):
+                    self._run_one(*self._runnable.popleft())
+                self._wait_for_events()
+        finally:
+            self._drain_inbox()
+            for task in list(self._tasks):
+                task.abort(ExitReason.KILLED)
+            self._epoll.close()
+            os.close(self._wake_fd)
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            op, task, arg = self._inbox.popleft()
+            if op == "start":
+                self._tasks.add(task)
+                self._runnable.append((task, 0.0))
+                if isinstance(arg, float):
+                    heapq.heappush(self._timers, (time.monotonic() + arg, next(self._order), _TIMEOUT, task))
+            elif task in self._tasks and isinstance(arg, ExitReason):
+                self._reap(task, arg)
+
+    def _reap(self, task: Task, reason: ExitReason) -> None:
+        self._tasks.discard(task)
+        self.load -= 1
+        task.abort(reason)
+
+    def _wake_due_timers(self) -> None:
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            due, _, seq, task = heapq.heappop(timers)
+            if task not in self._tasks:
+                continue
+            if seq == _TIMEOUT:
+                self._reap(task, ExitReason.TIMEOUT)
+            elif seq == task.wait_seq and not task.ready_flag.is_set():
+                task.ready_flag.set()
+                self._runnable.append((task, due))
+
+    def _run_one(self, task: Task, due: float) -> None:
+        if task not in self._tasks:
+            return
+        if due and self.wake_lags is not None:
+            self.wake_lags.append(time.monotonic() - due)
+        seq = task.wait_seq
+        if task.run_slice():
+            self._tasks.discard(task)
+            self.load -= 1
+        elif task.wait_seq == seq:  # no new wait registered: it yielded on an epoch tick
+            self._runnable.append((task, 0.0))
+
+    def _wait_for_events(self) -> None:
+        self._sleeping = True
+        if self._runnable or self._inbox or self._stopping:
+            timeout = 0.0
+        elif self._timers:
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        else:
+            timeout = -1.0
+        events = self._epoll.poll(timeout)
+        self._sleeping = False
+        for fd, _events in events:
+            if fd == self._wake_fd:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake_fd)
+                continue
+            self._epoll.unregister(fd)
+            for seq, task in self._fd_waiters.pop(fd, []):
+                if seq == task.wait_seq and not task.ready_flag.is_set() and task in self._tasks:
+                    task.ready_flag.set()
+                    self._runnable.append((task, 0.0))

@@ -1,0 +1,273 @@
+"""The blocking WASI preview1 calls, re-implemented as async host functions.
+
+``poll_oneoff``, ``sched_yield``, ``clock_time_get`` and (for guests whose stdin is a pipe, FIFO or
+terminal) ``fd_read`` shadow wasmtime's built-in versions, so a waiting guest is a suspended fiber
+that the scheduler resumes when its timer is due or its fd is readable, instead of a blocked thread.
+Everything else stays wasmtime's WASI, which also enforces the preopen sandbox.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import time
+from collections.abc import Callable
+from ctypes import c_char, c_uint32, c_uint64, memmove, string_at
+from typing import Protocol
+
+import wasmtime
+
+from kwasm.runtime import ffi
+from kwasm.runtime.ffi import Continuation, HostCall, ReadyFlag
+
+WASI = "wasi_snapshot_preview1"
+
+ERRNO_SUCCESS = 0
+ERRNO_AGAIN = 6
+ERRNO_BADF = 8
+ERRNO_FAULT = 21
+ERRNO_INVAL = 28
+ERRNO_IO = 29
+
+CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME, CLOCK_THREAD_CPUTIME = 0, 1, 2, 3
+EVENT_CLOCK, EVENT_FD_READ, EVENT_FD_WRITE = 0, 1, 2
+SUBCLOCK_ABSTIME = 1
+EVENT_FD_HANGUP = 1
+
+_SUBSCRIPTION = struct.Struct("<QB7xIxxxxQQH6x")  # userdata, tag, clock id / fd, timeout, precision, flags
+_EVENT = struct.Struct("<QHB5xQH6x")  # userdata, errno, type, nbytes, flags
+_MAX_READ = 64 << 10
+
+#: A minimal module that lets a host function call a built-in WASI function on a guest's memory.
+ADAPTER_WAT = """(module
+  (import "kwasm" "memory" (memory 0))
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (export "memory" (memory 0))
+  (func (export "fd_read") (param i32 i32 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 call $fd_read))"""
+
+
+class Waiter(Protocol):
+    """What the host functions need from the guest that called them."""
+
+    stdin_fd: int | None
+    ready_flag: ReadyFlag
+
+    def memory_region(self) -> tuple[int, int]:
+        """``(address, length)`` of the guest's linear memory."""
+
+    def suspend(self, deadline: float | None, fd: int | None) -> None:
+        """Sleep until ``deadline`` (monotonic seconds) or until ``fd`` is readable."""
+
+    def take_wakeup(self) -> bool:
+        """True (once) if the scheduler has woken this guest since it suspended."""
+
+
+def readable(fd: int) -> bool:
+    """Whether a read on ``fd`` would not block right now (data, EOF or an error is pending)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _clock_now(clock: int) -> int | None:
+    if clock == CLOCK_MONOTONIC:
+        return time.monotonic_ns()
+    if clock == CLOCK_REALTIME:
+        return time.time_ns()
+    if clock == CLOCK_PROCESS_CPUTIME:
+        return time.process_time_ns()
+    if clock == CLOCK_THREAD_CPUTIME:
+        return time.thread_time_ns()
+    return None
+
+
+class Subscription:
+    """One parsed ``subscription_t`` with its deadline (monotonic seconds) for clocks."""
+
+    __slots__ = ("deadline", "error", "fd", "tag", "userdata")
+
+    def __init__(self, raw: bytes) -> None:
+        self.userdata, self.tag, ident, timeout, _precision, flags = _SUBSCRIPTION.unpack(raw)
+        self.fd = ident
+        self.error = ERRNO_SUCCESS
+        self.deadline = 0.0
+        if self.tag == EVENT_CLOCK:
+            now = _clock_now(ident)
+            if now is None:
+                self.error = ERRNO_INVAL
+            elif flags & SUBCLOCK_ABSTIME:
+                timeout = max(0, timeout - now)
+            self.deadline = time.monotonic() + timeout / 1e9
+        elif self.tag not in (EVENT_FD_READ, EVENT_FD_WRITE):
+            self.error = ERRNO_INVAL
+
+
+class Shadows:
+    """The async WASI functions, bound to a way of finding the calling guest by its store key."""
+
+    def __init__(self, engine: wasmtime.Engine, lookup: Callable[[int], Waiter]) -> None:
+        self._engine = engine
+        self._lookup = lookup
+        self._builtin = ffi.new_linker(engine, shadowing=False)
+        self._adapter = wasmtime.Module(engine, ADAPTER_WAT)
+
+    def install(self, linker: wasmtime.Linker, *, async_stdin: bool) -> None:
+        """Shadow the blocking calls in ``linker`` (and ``fd_read`` too when ``async_stdin``)."""
+        ffi.define_async(linker, WASI, "poll_oneoff", ["i32"] * 4, self.poll_oneoff)
+        ffi.define_async(linker, WASI, "sched_yield", [], self.sched_yield)
+        ffi.define_async(linker, WASI, "clock_time_get", ["i32", "i64", "i32"], self.clock_time_get)
+        if async_stdin:
+            ffi.define_async(linker, WASI, "fd_read", ["i32"] * 4, self.fd_read)
+
+    def clock_time_get(self, call: HostCall) -> Continuation | None:
+        """``clock_time_get(id, precision, *time)``: the host clocks the scheduler also uses."""
+        now = _clock_now(call.arg(0))
+        if now is None:
+            call.set_result(ERRNO_INVAL)
+            return None
+        base, size = self._lookup(call.store_key()).memory_region()
+        pointer = call.arg(2)
+        if pointer + 8 > size:
+            call.set_result(ERRNO_FAULT)
+            return None
+        c_uint64.from_address(base + pointer).value = now
+        call.set_result(ERRNO_SUCCESS)
+        return None
+
+    def sched_yield(self, call: HostCall) -> ReadyFlag:
+        """``sched_yield()``: go to the back of the run queue."""
+        guest = self._lookup(call.store_key())
+        call.set_result(ERRNO_SUCCESS)
+        guest.suspend(time.monotonic(), None)
+        return guest.ready_flag
+
+    def poll_oneoff(self, call: HostCall) -> Continuation | ReadyFlag | None:
+        """``poll_oneoff(in, out, nsubscriptions, *nevents)`` with clocks (relative, absolute) and fds."""
+        guest = self._lookup(call.store_key())
+        sub_ptr, event_ptr, count, nevents_ptr = call.arg(0), call.arg(1), call.arg(2), call.arg(3)
+        base, size = guest.memory_region()
+        if count == 0:
+            call.set_result(ERRNO_INVAL)
+            return None
+        if sub_ptr + 48 * count > size or event_ptr + 32 * count > size or nevents_ptr + 4 > size:
+            call.set_result(ERRNO_FAULT)
+            return None
+        call.set_result(ERRNO_SUCCESS)
+        if count == 1:  # the common case (a plain sleep): no per-call objects
+            userdata, tag, clock, timeout, _precision, flags = _SUBSCRIPTION.unpack(string_at(base + sub_ptr, 48))
+            if tag == EVENT_CLOCK and clock in (CLOCK_MONOTONIC, CLOCK_REALTIME):
+                if flags & SUBCLOCK_ABSTIME:
+                    timeout = max(0, timeout - (time.monotonic_ns() if clock else time.time_ns()))
+                _EVENT.pack_into((c_char * 32).from_address(base + event_ptr), 0, userdata, 0, EVENT_CLOCK, 0, 0)
+                c_uint32.from_address(base + nevents_ptr).value = 1
+                if timeout == 0:
+                    return None
+                guest.suspend(time.monotonic() + timeout / 1e9, None)
+                return guest.ready_flag
+        raw = string_at(base + sub_ptr, 48 * count)
+        subs = [Subscription(raw[48 * i : 48 * i + 48]) for i in range(count)]
+        if all(sub.tag == EVENT_CLOCK and not sub.error for sub in subs):
+            # Only clocks: which subscriptions fire is known now (the earliest, and any tied with it),
+            # so the events are written up front and the wait needs no Python continuation.
+            first = min(sub.deadline for sub in subs)
+            fired = [_EVENT.pack(sub.userdata, 0, EVENT_CLOCK, 0, 0) for sub in subs if sub.deadline <= first]
+            data = b"".join(fired)
+            memmove(base + event_ptr, data, len(data))
+            c_uint32.from_address(base + nevents_ptr).value = len(fired)
+            if first <= time.monotonic():
+                return None
+            guest.suspend(first, None)
+            return guest.ready_flag
+
+        def complete() -> bool:
+            events = self._ready_events(guest, subs)
+            if not events:
+                guest.suspend(*self._wait_for(guest, subs))
+                return False
+            data = b"".join(events)
+            memmove(base + event_ptr, data, len(data))
+            c_uint32.from_address(base + nevents_ptr).value = len(events)
+            return True
+
+        if complete():
+            return None
+
+        def resume() -> bool:
+            return guest.take_wakeup() and complete()
+
+        return resume
+
+    def _ready_events(self, guest: Waiter, subs: list[Subscription]) -> list[bytes]:
+        now = time.monotonic()
+        events = []
+        for sub in subs:
+            if sub.error:
+                events.append(_EVENT.pack(sub.userdata, sub.error, sub.tag, 0, 0))
+            elif sub.tag == EVENT_CLOCK:
+                if sub.deadline <= now:
+                    events.append(_EVENT.pack(sub.userdata, 0, EVENT_CLOCK, 0, 0))
+            elif sub.tag == EVENT_FD_READ and sub.fd == 0 and guest.stdin_fd is not None:
+                if readable(guest.stdin_fd):
+                    events.append(_EVENT.pack(sub.userdata, 0, EVENT_FD_READ, 1, 0))
+            else:  # files, sinks and non-pipe stdio never block
+                events.append(_EVENT.pack(sub.userdata, 0, sub.tag, 0, 0))
+        return events
+
+    @staticmethod
+    def _wait_for(guest: Waiter, subs: list[Subscription]) -> tuple[float | None, int | None]:
+        deadlines = [s.deadline for s in subs if s.tag == EVENT_CLOCK]
+        waits_stdin = any(s.tag == EVENT_FD_READ and s.fd == 0 for s in subs)
+        return (min(deadlines) if deadlines else None), (guest.stdin_fd if waits_stdin else None)
+
+    def fd_read(self, call: HostCall) -> Continuation | None:
+        """``fd_read(fd, iovs, iovs_len, *nread)``: stdin from a pipe/FIFO without blocking the thread."""
+        fd = call.arg(0)
+        guest = self._lookup(call.store_key())
+        if fd != 0 or guest.stdin_fd is None:
+            call.set_result(call.call_builtin(self._engine, self._builtin, self._adapter, "fd_read", 4))
+            return None
+        host_fd = guest.stdin_fd
+        iovs, iovs_len, nread_ptr = call.arg(1), call.arg(2), call.arg(3)
+        base, size = guest.memory_region()
+        if iovs + 8 * iovs_len > size or nread_ptr + 4 > size:
+            call.set_result(ERRNO_FAULT)
+            return None
+        vectors = [
+            (c_uint32.from_address(base + iovs + 8 * i).value, c_uint32.from_address(base + iovs + 8 * i + 4).value)
+            for i in range(iovs_len)
+        ]
+        if any(ptr + length > size for ptr, length in vectors):
+            call.set_result(ERRNO_FAULT)
+            return None
+        wanted = min(_MAX_READ, sum(length for _, length in vectors))
+
+        def attempt() -> bool:
+            if wanted and not readable(host_fd):
+                guest.suspend(None, host_fd)
+                return False
+            try:
+                data = os.read(host_fd, wanted) if wanted else b""
+            except BlockingIOError:
+                guest.suspend(None, host_fd)
+                return False
+            except OSError:
+                call.set_result(ERRNO_IO)
+                return True
+            offset = 0
+            for ptr, length in vectors:
+                chunk = data[offset : offset + length]
+                memmove(base + ptr, chunk, len(chunk))
+                offset += len(chunk)
+            c_uint32.from_address(base + nread_ptr).value = len(data)
+            call.set_result(ERRNO_SUCCESS)
+            return True
+
+        if attempt():
+            return None
+
+        def resume() -> bool:
+            return guest.take_wakeup() and attempt()
+
+        return resume
