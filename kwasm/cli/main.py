@@ -39,8 +39,10 @@ def _options(
         Path | None,
         typer.Option(
             "--root",
-            envvar="KWASM_ROOT",
-            help="Data root of the local image store (default: /var/lib/kwasm as root, else the XDG data dir).",
+            help=(
+                "Data root of the local image store (default: $KWASM_ROOT, else /var/lib/kwasm as root, "
+                "else the XDG data dir)."
+            ),
         ),
     ] = None,
     version: Annotated[

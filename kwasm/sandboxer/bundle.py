@@ -1,0 +1,228 @@
+"""Turn an OCI bundle (``<bundle>/config.json``) and task stdio paths into a :class:`GuestSpec`.
+
+The module is ``root.path`` + ``process.args[0]`` (kept inside the rootfs). When no such file
+exists, args[0] ends in ``.wasm`` (or args is empty) and the rootfs holds exactly one ``*.wasm`` at
+its top (an image whose wasm layer was unpacked under its own name), that module runs.
+``process.env`` becomes the environment, ``process.cwd`` is passed as ``PWD`` (WASI has no working
+directory), the rootfs is preopened at ``/`` (unless it holds nothing but the module, as a ``FROM
+scratch`` wasm image does: a preopen costs the sandboxer one descriptor for the guest's lifetime),
+every bind mount of a directory at its destination (``ro`` honoured), and
+``linux.resources.memory.limit`` caps linear memory. Stdio: an empty path is discarded, a FIFO is
+wired as one, any other path is a
+CRI log file that receives ``<RFC3339Nano> <stream> <F|P> <text>`` lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kwasm.runtime.guest import GuestSpec, Preopen, Stdio
+
+WASM_MAGIC = b"\0asm"
+#: Shared by every discarded stream (Stdio is immutable): one object, not three per task.
+_DISCARD = Stdio.discard()
+#: One Path object per module path, shared by every task that runs it.
+_PATHS: dict[str, Path] = {}
+
+
+class BundleError(Exception):
+    """The bundle cannot be run; ``not_wasm`` tells a non-wasm process spec apart from a broken one."""
+
+    def __init__(self, message: str, *, not_wasm: bool = False) -> None:
+        super().__init__(message)
+        self.not_wasm = not_wasm
+
+
+@dataclass(frozen=True)
+class TaskIO:
+    """The stdio paths a Task.Create or Task.Exec request names."""
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+
+
+def read_config(bundle: Path) -> dict[str, Any]:
+    """The OCI runtime spec of ``bundle``."""
+    if not bundle.is_absolute():
+        raise BundleError(f"bundle path {bundle} is not absolute")
+    path = bundle / "config.json"
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise BundleError(f"bundle {bundle} has no config.json") from exc
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} is not a JSON object")
+    return data
+
+
+def rootfs_of(bundle: Path, config: dict[str, Any]) -> tuple[Path, bool]:
+    """The rootfs directory (relative ``root.path`` is relative to the bundle) and its readonly flag."""
+    root = config.get("root") or {}
+    if not isinstance(root, dict) or not root.get("path"):
+        raise BundleError("config.json has no root.path")
+    path = Path(str(root["path"]))
+    if not path.is_absolute():
+        path = bundle / path
+    if not path.is_dir():
+        raise BundleError(f"rootfs {path} is not a directory")
+    return path.resolve(), bool(root.get("readonly", False))
+
+
+def _is_wasm(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(4) == WASM_MAGIC
+    except OSError:
+        return False
+
+
+def resolve_module(rootfs: Path, args: list[str]) -> tuple[Path, list[str]]:
+    """The wasm module the process runs and its argv (args[0] kept as the guest sees it)."""
+    if args:
+        candidate = (rootfs / args[0].split("#", 1)[0].lstrip("/")).resolve()
+        if not candidate.is_relative_to(rootfs):
+            raise BundleError(f"process.args[0] {args[0]!r} points outside the rootfs")
+        if candidate.is_file():
+            if _is_wasm(candidate):
+                return candidate, args
+            raise BundleError(f"{args[0]} is not a wasm module", not_wasm=True)
+    if args and not args[0].split("#", 1)[0].endswith(".wasm"):
+        raise BundleError(f"{args[0]} is not a wasm module in the rootfs", not_wasm=True)
+    layers = [entry for entry in rootfs.glob("*.wasm") if entry.is_file() and _is_wasm(entry)]
+    if len(layers) == 1:
+        return layers[0], args or [f"/{layers[0].name}"]
+    raise BundleError(f"no wasm module {args[0] if args else ''} in the rootfs (and no single *.wasm there)")
+
+
+def _preopens(rootfs: Path, read_only_root: bool, module: Path, mounts: list[Any]) -> list[Preopen]:
+    preopens = []
+    if any(entry.name != module.name for entry in rootfs.iterdir()):
+        preopens.append(Preopen(rootfs, "/", read_only_root))
+    for mount in mounts:
+        if not isinstance(mount, dict):
+            continue
+        options = [str(option) for option in mount.get("options") or []]
+        is_bind = mount.get("type") == "bind" or "bind" in options or "rbind" in options
+        source, destination = mount.get("source"), mount.get("destination")
+        if not is_bind or not source or not destination or not Path(str(source)).is_dir():
+            continue
+        preopens.append(Preopen(Path(str(source)), str(destination), "ro" in options))
+    return preopens
+
+
+def _memory_limit(config: dict[str, Any]) -> int | None:
+    limit = (((config.get("linux") or {}).get("resources") or {}).get("memory") or {}).get("limit")
+    if isinstance(limit, int) and limit > 0:
+        return limit
+    return None
+
+
+class CriLogWriter:
+    """Appends a guest stream to a CRI log file, one ``<time> <stream> <F|P> <text>`` entry per line.
+
+    A line is written when its newline arrives (``F``); a fragment longer than 16 KiB is written as a
+    partial entry (``P``) and :meth:`flush` (at guest exit) writes what is left. The file is opened per
+    write (O_APPEND), so a running guest holds no descriptor for its log.
+    """
+
+    PARTIAL_LIMIT = 16 << 10
+
+    def __init__(self, path: Path, stream: str) -> None:
+        self.path = path
+        self.stream = stream
+        self._pending = b""
+        self._lock = threading.Lock()
+
+    def __call__(self, chunk: bytes) -> None:
+        """Take ``chunk`` from the guest; write every line it completes."""
+        with self._lock:
+            lines = (self._pending + chunk).split(b"\n")
+            self._pending = lines.pop()
+            entries = [(b"F", line) for line in lines]
+            if len(self._pending) > self.PARTIAL_LIMIT:
+                entries.append((b"P", self._pending))
+                self._pending = b""
+            self._write(entries)
+
+    def flush(self) -> None:
+        """Write an unfinished last line as a full entry."""
+        with self._lock:
+            if self._pending:
+                self._write([(b"F", self._pending)])
+                self._pending = b""
+
+    def _write(self, entries: list[tuple[bytes, bytes]]) -> None:
+        if not entries:
+            return
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f000Z").encode()
+        prefix = stamp + b" " + self.stream.encode() + b" "
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            os.write(fd, b"".join(prefix + tag + b" " + text + b"\n" for tag, text in entries))
+        finally:
+            os.close(fd)
+
+
+def stdio_for(path: str, stream: str) -> Stdio:
+    """The Stdio for one path of a task request (see the module docstring)."""
+    if not path:
+        return _DISCARD
+    target = Path(path)
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        mode = 0
+    except OSError as exc:
+        raise BundleError(f"cannot use {stream} path {path}: {exc}") from exc
+    if stat.S_ISFIFO(mode):
+        return Stdio.fifo(target)
+    if stream == "stdin":
+        if mode and stat.S_ISREG(mode):
+            return Stdio.file(target)
+        raise BundleError(f"stdin path {path} is neither a FIFO nor a file")
+    if mode and not stat.S_ISREG(mode):
+        raise BundleError(f"{stream} path {path} is neither a FIFO nor a log file")
+    return Stdio.to_callback(CriLogWriter(target, stream))
+
+
+def guest_spec(
+    bundle: Path, config: dict[str, Any], io: TaskIO, process: dict[str, Any] | None = None
+) -> GuestSpec:
+    """The GuestSpec for the bundle's process (or for ``process``, an exec's OCI process spec)."""
+    rootfs, read_only_root = rootfs_of(bundle, config)
+    if process is None:
+        process = config.get("process") or {}
+    if not isinstance(process, dict):
+        raise BundleError("process spec is not an object")
+    args = [sys.intern(str(arg)) for arg in process.get("args") or []]
+    module, argv = resolve_module(rootfs, args)
+    module = _PATHS.setdefault(str(module), module)
+    env: dict[str, str] = {}
+    for item in process.get("env") or []:
+        key, _, value = str(item).partition("=")
+        if key:
+            env[sys.intern(key)] = sys.intern(value)
+    cwd = process.get("cwd")
+    if cwd and cwd != "/":
+        env.setdefault("PWD", str(cwd))
+    return GuestSpec(
+        module=module,
+        argv=argv,
+        env=env,
+        preopens=_preopens(rootfs, read_only_root, module, config.get("mounts") or []),
+        stdin=stdio_for(io.stdin, "stdin"),
+        stdout=stdio_for(io.stdout, "stdout"),
+        stderr=stdio_for(io.stderr, "stderr"),
+        memory_limit=_memory_limit(config),
+    )
