@@ -9,12 +9,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import wasmtime
 from conftest import DEMO_WASM
 from guests.toolchain import assemble_wat, compile_c
 
 from kwasm.errors import EngineError, NotFoundError, WasmValidationError
 from kwasm.runtime.engine import Engine
+from kwasm.runtime.ffi import ReadyFlag
 from kwasm.runtime.guest import EXIT_KILLED, EXIT_TRAP, ExitReason, GuestSpec, Preopen, Stdio
+from kwasm.runtime.scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,14 @@ def test_timeout_kills_an_infinite_loop_within_a_second(engine: Engine, probe: P
     assert time.monotonic() - started < 1.5
 
 
+def test_timeout_in_whole_seconds_is_honoured(engine: Engine) -> None:
+    started = time.monotonic()
+    guest = engine.start(GuestSpec(module=DEMO_WASM, argv=["demo", "sleep", "30"], timeout=1))
+    exit = guest.wait(5)
+    assert exit is not None and (exit.code, exit.reason) == (EXIT_KILLED, ExitReason.TIMEOUT)
+    assert time.monotonic() - started < 2.5
+
+
 def test_memory_limit_holds(engine: Engine, probe: Path) -> None:
     code, _, out = run(engine, probe, "alloc", "16", memory_limit=4 << 20)
     assert (code, out.text) == (12, "out of memory\n")
@@ -195,6 +206,17 @@ def test_file_reads_still_work_when_stdin_is_async(engine: Engine, probe: Path, 
     assert (code, out.text) == (0, "chapter one\n" * 1000)
 
 
+def test_more_than_10000_file_reads_work_when_stdin_is_async(engine: Engine, probe: Path, tmp_path: Path) -> None:
+    # A store holds at most 10,000 instances: file reads must not cost one each (the guest reads 2 KiB a call).
+    fifo = tmp_path / "stdin.fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_bytes(b"x" * (24 << 20))
+    code, _, out = run(engine, probe, "cat", "/data/big.bin", stdin=Stdio.fifo(fifo),
+                       preopens=[Preopen(tmp_path / "data", "/data", read_only=True)])
+    assert (code, sum(len(chunk) for chunk in out.chunks)) == (0, 24 << 20)
+
+
 def test_poll_oneoff_fd_readiness_on_a_fifo(engine: Engine, probe: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
@@ -207,6 +229,20 @@ def test_poll_oneoff_fd_readiness_on_a_fifo(engine: Engine, probe: Path, tmp_pat
         writer.write(b"x")
     exit = guest.wait(3)
     assert exit is not None and out.text == "stdin\n"
+
+
+def test_fd_read_on_fifo_stdin_refuses_more_iovecs_than_iov_max(engine: Engine, tmp_path: Path) -> None:
+    # fd_read(0, iovs=0, iovs_len=2000, nread=60000); the errno becomes the exit code.
+    module = tmp_path / "iovs.wasm"
+    module.write_bytes(wasmtime.wat2wasm(
+        '(module (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))'
+        ' (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32))) (memory (export "memory") 1)'
+        ' (func (export "_start") (call $exit (call $read (i32.const 0) (i32.const 0) (i32.const 2000)'
+        " (i32.const 60000)))))"
+    ))
+    fifo = tmp_path / "stdin"
+    os.mkfifo(fifo)
+    assert run(engine, module, stdin=Stdio.fifo(fifo))[0] == 28  # EINVAL, as readv(2) answers
 
 
 def test_file_and_fifo_stdout(engine: Engine, tmp_path: Path) -> None:
@@ -314,3 +350,39 @@ def test_5000_sleeping_guests_on_one_scheduler_are_killed_and_reaped(tmp_path: P
         assert all(g.exit is not None and g.exit.code == EXIT_KILLED for g in guests)
     assert threading.active_count() == threads_before
     assert _open_fds() == fds_before
+
+
+class ScriptedTask:
+    """A scheduler task whose one slice either finishes or raises (a host-side bug)."""
+
+    def __init__(self, fails: bool) -> None:
+        self.wait_seq = 0
+        self.ready_flag = ReadyFlag()
+        self.fails = fails
+        self.finished = threading.Event()
+        self.aborted: list[ExitReason] = []
+
+    def run_slice(self) -> bool:
+        if self.fails:
+            raise RuntimeError("host bug")
+        self.finished.set()
+        return True
+
+    def abort(self, reason: ExitReason) -> None:
+        self.aborted.append(reason)
+
+
+def test_a_failing_guest_does_not_take_its_scheduler_thread_down() -> None:
+    scheduler = Scheduler("kwasm-test-sched")
+    broken, before, after = ScriptedTask(fails=True), ScriptedTask(fails=False), ScriptedTask(fails=False)
+    try:
+        scheduler.start_later(broken, None)
+        scheduler.start_later(before, None)
+        assert before.finished.wait(5)
+        scheduler.start_later(after, None)  # the thread still takes new guests
+        assert after.finished.wait(5)
+        assert broken.aborted == [ExitReason.TRAPPED]
+        assert scheduler.load == 0
+    finally:
+        scheduler.stop()
+    assert broken.aborted == [ExitReason.TRAPPED] and not before.aborted

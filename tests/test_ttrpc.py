@@ -169,6 +169,13 @@ def test_calls_of_a_closed_connection_are_cancelled(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.02)
         assert cancelled == [True]
+        with pytest.raises(ConnectionError):  # a closed client fails at once instead of waiting forever
+            await asyncio.wait_for(client.call(SERVICE, "Park", b""), 2)
+        survivor = await TtrpcClient.connect(path)
+        await asyncio.sleep(0.1)  # let the server accept it
         await server.close()
+        with pytest.raises(ConnectionError):  # the server went away under a live client
+            await asyncio.wait_for(survivor.call(SERVICE, "Park", b""), 2)
+        await survivor.close()
 
     asyncio.run(main())

@@ -58,6 +58,7 @@ class Guest:
         "_scheduler",
         "_start_func",
         "_store",
+        "builtin_fd_read",
         "id",
         "ready_flag",
         "spec",
@@ -69,6 +70,7 @@ class Guest:
         self.id = guest_id
         self.spec = spec
         self.stdin_fd: int | None = None
+        self.builtin_fd_read: object = None
         self.wait_seq = 0
         self.ready_flag = ffi.ReadyFlag()
         self._engine = engine
@@ -148,10 +150,12 @@ class Guest:
         return True
 
     def abort(self, reason: ExitReason) -> None:
-        """Drop the guest wherever it is suspended (killed, timed out, engine closing)."""
+        """Drop the guest wherever it is suspended (killed, timed out, engine closing, host error)."""
         if self._exit is None:
-            message = "timed out" if reason is ExitReason.TIMEOUT else "killed"
-            self._finish(EXIT_KILLED, reason, message)
+            if reason is ExitReason.TRAPPED:
+                self._finish(EXIT_TRAP, reason, "host error while running the guest")
+            else:
+                self._finish(EXIT_KILLED, reason, "timed out" if reason is ExitReason.TIMEOUT else "killed")
 
     def _finish(self, code: int, reason: ExitReason, message: str) -> None:
         if self._future is not None:
@@ -162,6 +166,7 @@ class Guest:
             if self._store is not None:
                 self._store.delete()
             self._store = None
+            self.builtin_fd_read = None  # a handle into the deleted store
             self._instance = None
             self._memory = None
             self._exit = GuestExit(code, reason, message, time.time())
@@ -280,7 +285,12 @@ class Engine:
         guest = Guest(self, next(self._ids), spec)
         guest._on_exit = on_exit
         setup = wasiconfig.build(spec)
-        pre = self._pre(loaded, setup.stdin_fd is not None, spec.module)
+        try:
+            pre = self._pre(loaded, setup.stdin_fd is not None, spec.module)
+        except BaseException:
+            setup.config.discard()
+            setup.close()
+            raise
         store = ffi.Store(self._wasm, guest.id)
         try:
             store.set_wasi(setup.config)
@@ -302,7 +312,7 @@ class Engine:
             self._guests[guest.id] = guest
             scheduler = min(self._schedulers, key=lambda s: s.load)
             guest._scheduler = scheduler
-        scheduler.start_later(guest, spec.timeout)
+            scheduler.start_later(guest, spec.timeout)
         return guest
 
     def _forget(self, guest: Guest) -> None:

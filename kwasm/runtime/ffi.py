@@ -117,14 +117,13 @@ class HostCall:
         c_uint8.from_address(self._results).value = 0  # WASMTIME_I32
         c_int32.from_address(self._results + _VAL_OF).value = value
 
-    def call_builtin(
-        self, engine: wasmtime.Engine, linker: wasmtime.Linker, adapter: wasmtime.Module, name: str, nargs: int
-    ) -> int:
-        """Call the built-in WASI function ``name`` with this call's arguments, on the caller's memory.
+    def builtin(self, engine: wasmtime.Engine, linker: wasmtime.Linker, adapter: wasmtime.Module, name: str) -> Any:
+        """The built-in WASI function ``name`` made callable on the caller's memory (a store-bound handle).
 
         Built-in WASI functions read the memory of the instance that calls them, so a tiny adapter
         module (importing the guest's memory and the built-in function) is instantiated in the
-        guest's store and called, both polled to completion right here.
+        guest's store, polled to completion right here. Instances live as long as their store:
+        keep the handle for the guest's later calls (see :meth:`call_func`).
         """
         caller = ctypes.cast(self._caller, POINTER(ffi.wasmtime_caller_t))
         context = ffi.wasmtime_caller_context(caller)
@@ -160,6 +159,11 @@ class HostCall:
             context, byref(instance), _chars(func_name), len(func_name), byref(func)
         ):
             raise OSError("adapter lacks its export")
+        return ffi.wasmtime_func_t.from_buffer_copy(func.of.func)
+
+    def call_func(self, func: Any, nargs: int) -> int:
+        """Call ``func`` (from :meth:`builtin`, same store) with this call's first ``nargs`` i32 arguments."""
+        context = ffi.wasmtime_caller_context(ctypes.cast(self._caller, POINTER(ffi.wasmtime_caller_t)))
         args = (ffi.wasmtime_val_t * nargs)()
         for index in range(nargs):
             arg: Any = args[index]
@@ -167,9 +171,7 @@ class HostCall:
             arg.of.i32 = self.arg(index)
         results = (ffi.wasmtime_val_t * 1)()
         _run_to_completion(
-            lambda trap, err: ffi.wasmtime_func_call_async(
-                context, byref(func.of.func), args, nargs, results, 1, trap, err
-            )
+            lambda trap, err: ffi.wasmtime_func_call_async(context, byref(func), args, nargs, results, 1, trap, err)
         )
         return int(results[0].of.i32)
 
@@ -193,6 +195,7 @@ class _Running(threading.local):
 
 #: The key of the store whose wasm this thread is running (host calls read it; no FFI round trip).
 _running = _Running()
+
 
 class ReadyFlag:
     """A one-byte flag wasmtime polls natively: a wait completes once the scheduler sets it.

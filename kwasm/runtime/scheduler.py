@@ -12,6 +12,7 @@ import collections
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import select
 import threading
@@ -20,6 +21,8 @@ from typing import Protocol
 
 from kwasm.runtime.ffi import ReadyFlag
 from kwasm.runtime.guest import ExitReason
+
+log = logging.getLogger(__name__)
 
 
 class Task(Protocol):
@@ -32,7 +35,7 @@ class Task(Protocol):
         """Poll the guest once; True when it has finished (and has been cleaned up)."""
 
     def abort(self, reason: ExitReason) -> None:
-        """Stop a guest that is not running right now (killed / timed out)."""
+        """Stop a guest that is not running right now (killed, timed out, or failed in the host)."""
 
 
 _TIMEOUT = -1  # the sequence number of a heap entry that enforces GuestSpec.timeout
@@ -53,8 +56,10 @@ class Scheduler:
         self._tasks: set[Task] = set()
         self._stopping = False
         self._sleeping = False  # in epoll_wait: only then does a poster need to signal the eventfd
-        #: Guests assigned to this scheduler and not yet reaped (read by the engine to balance load).
-        self.load = 0
+        # Each counter has one writer (``load`` = their difference): callers of start_later, which the
+        # engine serializes, and this thread. A shared ``+=``/``-=`` could lose updates across threads.
+        self._started = 0
+        self._reaped = 0
         #: When a list: every timer wake-up appends its lag (seconds from due time to resumption).
         self.wake_lags: list[float] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -62,13 +67,18 @@ class Scheduler:
 
     # ---- called from any thread -------------------------------------------------------------
     def start_later(self, task: Task, timeout: float | None) -> None:
-        """Hand a freshly instantiated guest to this thread."""
-        self.load += 1
+        """Hand a freshly instantiated guest to this thread (callers must not race each other)."""
+        self._started += 1
         self._post("start", task, timeout)
 
     def kill_later(self, task: Task, reason: ExitReason) -> None:
         """Ask this thread to stop ``task`` (it yields within one epoch tick if it is running)."""
         self._post("kill", task, reason)
+
+    @property
+    def load(self) -> int:
+        """Guests assigned to this scheduler and not yet reaped (read by the engine to balance load)."""
+        return self._started - self._reaped
 
     @property
     def is_current(self) -> bool:
@@ -132,14 +142,14 @@ class Scheduler:
             if op == "start":
                 self._tasks.add(task)
                 self._runnable.append((task, 0.0))
-                if isinstance(arg, float):
+                if isinstance(arg, (int, float)):  # GuestSpec.timeout: an int of seconds is fine too
                     heapq.heappush(self._timers, (time.monotonic() + arg, next(self._order), _TIMEOUT, task))
             elif task in self._tasks and isinstance(arg, ExitReason):
                 self._reap(task, arg)
 
     def _reap(self, task: Task, reason: ExitReason) -> None:
         self._tasks.discard(task)
-        self.load -= 1
+        self._reaped += 1
         task.abort(reason)
 
     def _wake_due_timers(self) -> None:
@@ -161,9 +171,15 @@ class Scheduler:
         if due and self.wake_lags is not None:
             self.wake_lags.append(time.monotonic() - due)
         seq = task.wait_seq
-        if task.run_slice():
+        try:
+            finished = task.run_slice()
+        except Exception:  # a host-side bug must not end the thread that runs every other guest
+            log.exception("guest %r failed on scheduler thread %s", task, self._thread.name)
+            self._reap(task, ExitReason.TRAPPED)
+            return
+        if finished:
             self._tasks.discard(task)
-            self.load -= 1
+            self._reaped += 1
         elif task.wait_seq == seq:  # no new wait registered: it yielded on an epoch tick
             self._runnable.append((task, 0.0))
 

@@ -24,8 +24,6 @@ from kwasm.runtime.ffi import Continuation, HostCall, ReadyFlag
 WASI = "wasi_snapshot_preview1"
 
 ERRNO_SUCCESS = 0
-ERRNO_AGAIN = 6
-ERRNO_BADF = 8
 ERRNO_FAULT = 21
 ERRNO_INVAL = 28
 ERRNO_IO = 29
@@ -33,11 +31,12 @@ ERRNO_IO = 29
 CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME, CLOCK_THREAD_CPUTIME = 0, 1, 2, 3
 EVENT_CLOCK, EVENT_FD_READ, EVENT_FD_WRITE = 0, 1, 2
 SUBCLOCK_ABSTIME = 1
-EVENT_FD_HANGUP = 1
 
 _SUBSCRIPTION = struct.Struct("<QB7xIxxxxQQH6x")  # userdata, tag, clock id / fd, timeout, precision, flags
 _EVENT = struct.Struct("<QHB5xQH6x")  # userdata, errno, type, nbytes, flags
 _MAX_READ = 64 << 10
+#: Most iovecs one fd_read may pass (Linux's IOV_MAX; readv(2) refuses more with EINVAL).
+_MAX_IOVS = 1024
 
 #: A minimal module that lets a host function call a built-in WASI function on a guest's memory.
 ADAPTER_WAT = """(module
@@ -53,6 +52,8 @@ class Waiter(Protocol):
 
     stdin_fd: int | None
     ready_flag: ReadyFlag
+    #: The built-in ``fd_read`` bound to the guest's memory (made on first use, see ``Shadows.fd_read``).
+    builtin_fd_read: object
 
     def memory_region(self) -> tuple[int, int]:
         """``(address, length)`` of the guest's linear memory."""
@@ -226,11 +227,16 @@ class Shadows:
         fd = call.arg(0)
         guest = self._lookup(call.store_key())
         if fd != 0 or guest.stdin_fd is None:
-            call.set_result(call.call_builtin(self._engine, self._builtin, self._adapter, "fd_read", 4))
+            if guest.builtin_fd_read is None:  # once per guest: every adapter instance lives as long as the store
+                guest.builtin_fd_read = call.builtin(self._engine, self._builtin, self._adapter, "fd_read")
+            call.set_result(call.call_func(guest.builtin_fd_read, 4))
             return None
         host_fd = guest.stdin_fd
         iovs, iovs_len, nread_ptr = call.arg(1), call.arg(2), call.arg(3)
         base, size = guest.memory_region()
+        if iovs_len > _MAX_IOVS:
+            call.set_result(ERRNO_INVAL)
+            return None
         if iovs + 8 * iovs_len > size or nread_ptr + 4 > size:
             call.set_result(ERRNO_FAULT)
             return None

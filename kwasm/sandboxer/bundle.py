@@ -99,9 +99,11 @@ def resolve_module(rootfs: Path, args: list[str]) -> tuple[Path, list[str]]:
             raise BundleError(f"{args[0]} is not a wasm module", not_wasm=True)
     if args and not args[0].split("#", 1)[0].endswith(".wasm"):
         raise BundleError(f"{args[0]} is not a wasm module in the rootfs", not_wasm=True)
-    layers = [entry for entry in rootfs.glob("*.wasm") if entry.is_file() and _is_wasm(entry)]
+    found = [(entry.name, entry.resolve()) for entry in rootfs.glob("*.wasm")]
+    layers = [(name, path) for name, path in found if path.is_relative_to(rootfs) and path.is_file() and _is_wasm(path)]
     if len(layers) == 1:
-        return layers[0], args or [f"/{layers[0].name}"]
+        name, module = layers[0]
+        return module, args or [f"/{name}"]
     raise BundleError(f"no wasm module {args[0] if args else ''} in the rootfs (and no single *.wasm there)")
 
 
@@ -112,18 +114,41 @@ def _preopens(rootfs: Path, read_only_root: bool, module: Path, mounts: list[Any
     for mount in mounts:
         if not isinstance(mount, dict):
             continue
-        options = [str(option) for option in mount.get("options") or []]
+        options = [str(option) for option in _list(mount.get("options"), "mounts[].options")]
         is_bind = mount.get("type") == "bind" or "bind" in options or "rbind" in options
         source, destination = mount.get("source"), mount.get("destination")
-        if not is_bind or not source or not destination or not Path(str(source)).is_dir():
+        if not is_bind or not source or not destination:
+            continue
+        if not Path(str(source)).is_absolute():
+            raise BundleError(f"bind mount source {source!r} is not an absolute path")
+        if not Path(str(source)).is_dir():  # files (/etc/hosts, ...) cannot be WASI preopens
             continue
         preopens.append(Preopen(Path(str(source)), str(destination), "ro" in options))
     return preopens
 
 
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """``value`` if it is a JSON object, ``{}`` if absent; else the spec is malformed."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BundleError(f"{what} in config.json is not an object")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    """``value`` if it is a JSON array, ``[]`` if absent; else the spec is malformed."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BundleError(f"{what} in config.json is not an array")
+    return value
+
+
 def _memory_limit(config: dict[str, Any]) -> int | None:
-    limit = (((config.get("linux") or {}).get("resources") or {}).get("memory") or {}).get("limit")
-    if isinstance(limit, int) and limit > 0:
+    resources = _object(_object(config.get("linux"), "linux").get("resources"), "linux.resources")
+    limit = _object(resources.get("memory"), "linux.resources.memory").get("limit")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
         return limit
     return None
 
@@ -205,11 +230,11 @@ def guest_spec(
         process = config.get("process") or {}
     if not isinstance(process, dict):
         raise BundleError("process spec is not an object")
-    args = [sys.intern(str(arg)) for arg in process.get("args") or []]
+    args = [sys.intern(str(arg)) for arg in _list(process.get("args"), "process.args")]
     module, argv = resolve_module(rootfs, args)
     module = _PATHS.setdefault(str(module), module)
     env: dict[str, str] = {}
-    for item in process.get("env") or []:
+    for item in _list(process.get("env"), "process.env"):
         key, _, value = str(item).partition("=")
         if key:
             env[sys.intern(key)] = sys.intern(value)
@@ -220,7 +245,7 @@ def guest_spec(
         module=module,
         argv=argv,
         env=env,
-        preopens=_preopens(rootfs, read_only_root, module, config.get("mounts") or []),
+        preopens=_preopens(rootfs, read_only_root, module, _list(config.get("mounts"), "mounts")),
         stdin=stdio_for(io.stdin, "stdin"),
         stdout=stdio_for(io.stdout, "stdout"),
         stderr=stdio_for(io.stderr, "stderr"),

@@ -34,7 +34,6 @@ from kwasm.sandboxer.ttrpc import TtrpcServer
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class DaemonConfig:
     """Where the sandboxer listens and keeps its state."""

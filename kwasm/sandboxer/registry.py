@@ -288,6 +288,9 @@ class Registry:
         self.save(task.sandbox_id)
         _resolve(process.waiters)
         process.waiters = None
+        if process is task.init:  # as with runc, a container's exec processes die with its init
+            for other in task.processes()[1:]:
+                self.kill_process(task, other)
 
     def kill_process(self, task: Task, process: Process) -> None:
         """Kill a running guest; a created one is marked stopped as killed; a stopped one is left."""

@@ -92,6 +92,8 @@ class TaskService:
         except BundleError as exc:
             raise _bundle_failure(exc) from exc
         annotations = config.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise StatusError(INVALID_ARGUMENT, "annotations in config.json is not an object")
         self.registry.sandbox_of_new_task(request.id, annotations)
         mounted = ""
         if request.rootfs:
@@ -114,7 +116,10 @@ class TaskService:
         return shim_pb2.CreateTaskResponse(pid=0)
 
     async def exec(self, request: shim_pb2.ExecProcessRequest) -> Empty:
-        """Add another wasm process to a running task (its spec must name a wasm module)."""
+        """Add another wasm process to a running task (its spec must name a wasm module).
+
+        Exec processes are killed when the task's init process exits, as runc's are.
+        """
         task = self.registry.task(request.id)
         if not valid_id(request.exec_id):
             raise StatusError(INVALID_ARGUMENT, f"invalid exec id {request.exec_id!r}")
@@ -132,8 +137,10 @@ class TaskService:
         process = await self._prepare(Path(task.bundle), None, io, spec)
         process.exec_id = request.exec_id
         process.terminal = request.terminal
-        if task.process(request.exec_id) is not None:
+        if task.process(request.exec_id) is not None:  # the checks again: the module load awaited
             raise StatusError(ALREADY_EXISTS, f"exec {request.exec_id} already exists")
+        if task.init.status != RUNNING or self.registry.tasks.get(task.id) is not task:
+            raise StatusError(FAILED_PRECONDITION, f"task {task.id} is not running")
         task.execs = {**(task.execs or {}), request.exec_id: process}
         self.registry.save(task.sandbox_id)
         return Empty()
@@ -141,6 +148,8 @@ class TaskService:
     async def start(self, request: shim_pb2.StartRequest) -> shim_pb2.StartResponse:
         """Start the init process or an exec process on the engine."""
         task, process = self.registry.process(request.id, request.exec_id)
+        if process is not task.init and task.init.status != RUNNING:
+            raise StatusError(FAILED_PRECONDITION, f"task {task.id} is not running")
         try:
             self.registry.start_process(task, process)
         except KwasmError as exc:

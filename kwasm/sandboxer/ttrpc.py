@@ -13,7 +13,6 @@ import contextlib
 import logging
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
@@ -71,6 +70,7 @@ class TtrpcServer:
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self._calls: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     def register(self, service: str, method: str, handler: Handler) -> None:
         """Route ``service``/``method`` to ``handler``."""
@@ -86,6 +86,7 @@ class TtrpcServer:
 
     async def close(self) -> None:
         """Stop listening, drop every connection and cancel calls in flight."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for writer in list(self._connections):
@@ -97,6 +98,9 @@ class TtrpcServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:  # accepted just before close(): it would outlive the server
+            writer.close()
+            return
         self._connections.add(writer)
         calls: set[asyncio.Task[None]] = set()
         try:
@@ -168,11 +172,6 @@ class TtrpcServer:
         return _response(stream_id, OK, "", body)
 
 
-@dataclass
-class _Pending:
-    future: asyncio.Future[bytes]
-
-
 class TtrpcClient:
     """A ttrpc client on one unix-socket connection; calls may run concurrently."""
 
@@ -180,7 +179,7 @@ class TtrpcClient:
         self._reader = reader
         self._writer = writer
         self._next_stream = 1
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._receiver = asyncio.create_task(self._receive())
 
     @classmethod
@@ -194,16 +193,18 @@ class TtrpcClient:
 
     async def call(self, service: str, method: str, payload: bytes, timeout: float | None = None) -> bytes:
         """Call ``service/method`` with serialized ``payload``; returns the response payload."""
+        if self._receiver.done():  # nobody would ever resolve the answer
+            raise ConnectionError("ttrpc connection closed")
         stream_id = self._next_stream
         self._next_stream += 2
         request = ttrpc_pb2.Request(service=service, method=method, payload=payload)
         if timeout:
             request.timeout_nano = int(timeout * 1e9)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[stream_id] = _Pending(future)
-        self._writer.write(encode_frame(stream_id, TYPE_REQUEST, request.SerializeToString()))
-        await self._writer.drain()
+        self._pending[stream_id] = future
         try:
+            self._writer.write(encode_frame(stream_id, TYPE_REQUEST, request.SerializeToString()))
+            await self._writer.drain()
             return await future
         finally:
             self._pending.pop(stream_id, None)
@@ -216,20 +217,20 @@ class TtrpcClient:
                 length, stream_id, message_type, _flags = HEADER.unpack(header)
                 payload = await self._reader.readexactly(length)
                 pending = self._pending.get(stream_id)
-                if message_type != TYPE_RESPONSE or pending is None or pending.future.done():
+                if message_type != TYPE_RESPONSE or pending is None or pending.done():
                     continue
                 response = ttrpc_pb2.Response()
                 response.ParseFromString(payload)
                 if response.status.code != OK:
-                    pending.future.set_exception(StatusError(response.status.code, response.status.message))
+                    pending.set_exception(StatusError(response.status.code, response.status.message))
                 else:
-                    pending.future.set_result(response.payload)
+                    pending.set_result(response.payload)
         except (asyncio.IncompleteReadError, ConnectionError, DecodeError) as exc:
             error = ConnectionError(f"ttrpc connection closed: {exc}")
         finally:
             for pending in self._pending.values():
-                if not pending.future.done():
-                    pending.future.set_exception(error)
+                if not pending.done():
+                    pending.set_exception(error)
 
     async def close(self) -> None:
         """Close the connection; calls still waiting fail with ConnectionError."""
