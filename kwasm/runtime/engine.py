@@ -34,13 +34,18 @@ from kwasm.runtime.wasi import Shadows
 EPOCH_TICK_SECONDS = 0.01
 
 
+#: Which WASI calls a guest's linker shadows beyond the waits: ``(async stdin fd_read, async fd_write)``.
+_LinkerKind = tuple[bool, bool]
+_PLAIN: _LinkerKind = (False, False)
+
+
 class _Loaded:
-    """A compiled module with its two pre-linked forms (plain stdin / async stdin)."""
+    """A compiled module with its pre-linked forms (one per linker kind used so far)."""
 
     def __init__(self, module: wasmtime.Module, digest: str) -> None:
         self.module = module
         self.digest = digest
-        self.pres: dict[bool, ffi.InstancePre] = {}
+        self.pres: dict[_LinkerKind, ffi.InstancePre] = {}
 
 
 class Guest:
@@ -58,8 +63,9 @@ class Guest:
         "_scheduler",
         "_start_func",
         "_store",
-        "builtin_fd_read",
+        "builtins",
         "id",
+        "output_fds",
         "ready_flag",
         "spec",
         "stdin_fd",
@@ -70,7 +76,8 @@ class Guest:
         self.id = guest_id
         self.spec = spec
         self.stdin_fd: int | None = None
-        self.builtin_fd_read: object = None
+        self.output_fds: dict[int, int] | None = None
+        self.builtins: dict[str, object] = {}
         self.wait_seq = 0
         self.ready_flag = ffi.ReadyFlag()
         self._engine = engine
@@ -115,10 +122,10 @@ class Guest:
             return self._instance.memory_size(self._memory)
 
     # ---- scheduler protocol (runs on the guest's scheduler thread) ---------------------------
-    def suspend(self, deadline: float | None, fd: int | None) -> None:
-        """Park until ``deadline`` or until ``fd`` is readable (called by the async WASI calls)."""
+    def suspend(self, deadline: float | None, fd: int | None, *, writable: bool = False) -> None:
+        """Park until ``deadline`` or until ``fd`` is readable (writable if ``writable``; by the async WASI calls)."""
         assert self._scheduler is not None
-        self._scheduler.suspend(self, deadline, fd)
+        self._scheduler.suspend(self, deadline, fd, writable=writable)
 
     def memory_region(self) -> tuple[int, int]:
         """``(address, length)`` of the guest's linear memory (for the async WASI calls)."""
@@ -166,7 +173,7 @@ class Guest:
             if self._store is not None:
                 self._store.delete()
             self._store = None
-            self.builtin_fd_read = None  # a handle into the deleted store
+            self.builtins = {}  # handles into the deleted store
             self._instance = None
             self._memory = None
             self._exit = GuestExit(code, reason, message, time.time())
@@ -206,11 +213,12 @@ class Engine:
         self._ids = itertools.count(1)
         self._modules: dict[tuple[str, int, int], _Loaded] = {}
         self._shadows = Shadows(self._wasm, self._guests.__getitem__)
-        self._linkers: dict[bool, wasmtime.Linker] = {}
+        self._linkers: dict[_LinkerKind, wasmtime.Linker] = {}
         for async_stdin in (False, True):
-            linker = ffi.new_linker(self._wasm, shadowing=True)
-            self._shadows.install(linker, async_stdin=async_stdin)
-            self._linkers[async_stdin] = linker
+            for async_output in (False, True):
+                linker = ffi.new_linker(self._wasm, shadowing=True)
+                self._shadows.install(linker, async_stdin=async_stdin, async_output=async_output)
+                self._linkers[async_stdin, async_output] = linker
         count = threads if threads and threads > 0 else (os.cpu_count() or 1)
         self._schedulers = [Scheduler(f"kwasm-sched-{i}") for i in range(count)]
         self._closed = False
@@ -262,19 +270,19 @@ class Engine:
         if not starts:
             raise WasmValidationError(f"{module} has no _start function: it is not a WASI command")
         loaded = _Loaded(compiled, digest)
-        self._pre(loaded, False, module)
+        self._pre(loaded, _PLAIN, module)
         with self._lock:
             return self._modules.setdefault(key, loaded)
 
-    def _pre(self, loaded: _Loaded, async_stdin: bool, module: Path) -> ffi.InstancePre:
-        pre = loaded.pres.get(async_stdin)
+    def _pre(self, loaded: _Loaded, kind: _LinkerKind, module: Path) -> ffi.InstancePre:
+        pre = loaded.pres.get(kind)
         if pre is None:
             try:
-                pre = ffi.InstancePre(self._linkers[async_stdin], loaded.module)
+                pre = ffi.InstancePre(self._linkers[kind], loaded.module)
             except ValueError as exc:
                 reason = str(exc).splitlines()[0]
                 raise WasmValidationError(f"{module} cannot be linked against WASI: {reason}") from None
-            loaded.pres[async_stdin] = pre
+            loaded.pres[kind] = pre
         return pre
 
     def start(self, spec: GuestSpec, on_exit: Callable[[GuestExit], None] | None = None) -> Guest:
@@ -286,7 +294,7 @@ class Engine:
         guest._on_exit = on_exit
         setup = wasiconfig.build(spec)
         try:
-            pre = self._pre(loaded, setup.stdin_fd is not None, spec.module)
+            pre = self._pre(loaded, (setup.stdin_fd is not None, setup.output_fds is not None), spec.module)
         except BaseException:
             setup.config.discard()
             setup.close()
@@ -307,6 +315,7 @@ class Engine:
         guest._start_func = instance.func("_start")
         guest._memory = instance.memory()
         guest.stdin_fd = setup.stdin_fd
+        guest.output_fds = setup.output_fds
         guest._owned_fds = setup.owned_fds
         with self._lock:
             self._guests[guest.id] = guest

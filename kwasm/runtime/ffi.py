@@ -373,12 +373,6 @@ class WasiConfig:
         """Use this process's stdin."""
         ffi.wasi_config_inherit_stdin(self._ptr)
 
-    def output_file(self, fd: int, path: str) -> None:
-        """Write stdout (fd 1) or stderr (fd 2) to a file (created or truncated now; one host fd)."""
-        setter = ffi.wasi_config_set_stdout_file if fd == 1 else ffi.wasi_config_set_stderr_file
-        if not setter(self._ptr, c_char_p(path.encode())):
-            raise OSError(f"cannot open {path} for writing")
-
     def inherit_output(self, fd: int) -> None:
         """Write stdout (fd 1) or stderr (fd 2) to this process's own stream (no new fd)."""
         (ffi.wasi_config_inherit_stdout if fd == 1 else ffi.wasi_config_inherit_stderr)(self._ptr)

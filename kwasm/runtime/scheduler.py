@@ -1,9 +1,10 @@
 """One scheduler thread: runs many guests cooperatively, waking only those that are due.
 
 Each guest's ``_start`` is a wasmtime call future. A guest runs until it suspends in an async host
-call (a sleep, a read on an empty pipe, ``sched_yield``) or until an epoch tick makes it yield. The
-thread then waits in ``epoll`` for the earliest timer, a readable stdin, or a message from another
-thread (a new guest, a kill, stop). Timers live in a heap, so an idle guest costs no CPU at all.
+call (a sleep, a read on an empty pipe, a write to a full FIFO, ``sched_yield``) or until an epoch
+tick makes it yield. The thread then waits in ``epoll`` for the earliest timer, a readable stdin, a
+writable FIFO, or a message from another thread (a new guest, a kill, stop). Timers live in a heap,
+so an idle guest costs no CPU at all.
 """
 
 from __future__ import annotations
@@ -101,8 +102,12 @@ class Scheduler:
             os.eventfd_write(self._wake_fd, 1)
 
     # ---- called on the scheduler thread by host functions ----------------------------------
-    def suspend(self, task: Task, deadline: float | None, fd: int | None) -> None:
-        """Park ``task`` until ``deadline`` (monotonic) or until ``fd`` is readable."""
+    def suspend(self, task: Task, deadline: float | None, fd: int | None, *, writable: bool = False) -> None:
+        """Park ``task`` until ``deadline`` (monotonic) or until ``fd`` is readable (writable if ``writable``).
+
+        An fd is waited on in one direction only (stdin for reading, a FIFO stdout/stderr for writing);
+        errors and hang-ups wake its waiters too, so a write end whose reader left is woken.
+        """
         task.wait_seq += 1
         task.ready_flag.clear()
         if deadline is not None:
@@ -111,7 +116,7 @@ class Scheduler:
             waiters = self._fd_waiters.get(fd)
             if waiters is None:
                 self._fd_waiters[fd] = [(task.wait_seq, task)]
-                self._epoll.register(fd, select.EPOLLIN)
+                self._epoll.register(fd, select.EPOLLOUT if writable else select.EPOLLIN)
             else:
                 waiters.append((task.wait_seq, task))
 

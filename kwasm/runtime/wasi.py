@@ -1,9 +1,10 @@
 """The blocking WASI preview1 calls, re-implemented as async host functions.
 
-``poll_oneoff``, ``sched_yield``, ``clock_time_get`` and (for guests whose stdin is a pipe, FIFO or
-terminal) ``fd_read`` shadow wasmtime's built-in versions, so a waiting guest is a suspended fiber
-that the scheduler resumes when its timer is due or its fd is readable, instead of a blocked thread.
-Everything else stays wasmtime's WASI, which also enforces the preopen sandbox.
+``poll_oneoff``, ``sched_yield``, ``clock_time_get``, ``fd_read`` (for guests whose stdin is a pipe,
+FIFO or terminal) and ``fd_write`` (for guests whose stdout or stderr is a FIFO) shadow wasmtime's
+built-in versions, so a waiting guest is a suspended fiber that the scheduler resumes when its timer
+is due or its fd is readable or writable, instead of a blocked thread. Everything else stays
+wasmtime's WASI, which also enforces the preopen sandbox.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ ERRNO_SUCCESS = 0
 ERRNO_FAULT = 21
 ERRNO_INVAL = 28
 ERRNO_IO = 29
+ERRNO_PIPE = 64
 
 CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME, CLOCK_THREAD_CPUTIME = 0, 1, 2, 3
 EVENT_CLOCK, EVENT_FD_READ, EVENT_FD_WRITE = 0, 1, 2
@@ -35,31 +37,35 @@ SUBCLOCK_ABSTIME = 1
 _SUBSCRIPTION = struct.Struct("<QB7xIxxxxQQH6x")  # userdata, tag, clock id / fd, timeout, precision, flags
 _EVENT = struct.Struct("<QHB5xQH6x")  # userdata, errno, type, nbytes, flags
 _MAX_READ = 64 << 10
-#: Most iovecs one fd_read may pass (Linux's IOV_MAX; readv(2) refuses more with EINVAL).
+#: Most iovecs one fd_read/fd_write may pass (Linux's IOV_MAX; readv(2)/writev(2) refuse more: EINVAL).
 _MAX_IOVS = 1024
 
-#: A minimal module that lets a host function call a built-in WASI function on a guest's memory.
-ADAPTER_WAT = """(module
+
+def adapter_wat(name: str) -> str:
+    """A minimal module that lets a host function call the built-in ``name(fd, iovs, len, *n)`` on a guest's memory."""
+    return f"""(module
   (import "kwasm" "memory" (memory 0))
-  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "{name}" (func $builtin (param i32 i32 i32 i32) (result i32)))
   (export "memory" (memory 0))
-  (func (export "fd_read") (param i32 i32 i32 i32) (result i32)
-    local.get 0 local.get 1 local.get 2 local.get 3 call $fd_read))"""
+  (func (export "{name}") (param i32 i32 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 call $builtin))"""
 
 
 class Waiter(Protocol):
     """What the host functions need from the guest that called them."""
 
     stdin_fd: int | None
+    #: Guest fd (1, 2) → our non-blocking write end of its FIFO; None when no output is a FIFO.
+    output_fds: dict[int, int] | None
     ready_flag: ReadyFlag
-    #: The built-in ``fd_read`` bound to the guest's memory (made on first use, see ``Shadows.fd_read``).
-    builtin_fd_read: object
+    #: Built-in ``fd_read`` / ``fd_write`` bound to the guest's memory, by name (made on first use).
+    builtins: dict[str, object]
 
     def memory_region(self) -> tuple[int, int]:
         """``(address, length)`` of the guest's linear memory."""
 
-    def suspend(self, deadline: float | None, fd: int | None) -> None:
-        """Sleep until ``deadline`` (monotonic seconds) or until ``fd`` is readable."""
+    def suspend(self, deadline: float | None, fd: int | None, *, writable: bool = False) -> None:
+        """Sleep until ``deadline`` (monotonic seconds) or until ``fd`` is readable (writable if ``writable``)."""
 
     def take_wakeup(self) -> bool:
         """True (once) if the scheduler has woken this guest since it suspended."""
@@ -112,15 +118,17 @@ class Shadows:
         self._engine = engine
         self._lookup = lookup
         self._builtin = ffi.new_linker(engine, shadowing=False)
-        self._adapter = wasmtime.Module(engine, ADAPTER_WAT)
+        self._adapters = {name: wasmtime.Module(engine, adapter_wat(name)) for name in ("fd_read", "fd_write")}
 
-    def install(self, linker: wasmtime.Linker, *, async_stdin: bool) -> None:
-        """Shadow the blocking calls in ``linker`` (and ``fd_read`` too when ``async_stdin``)."""
+    def install(self, linker: wasmtime.Linker, *, async_stdin: bool, async_output: bool) -> None:
+        """Shadow the waits in ``linker``, and ``fd_read`` / ``fd_write`` if ``async_stdin`` / ``async_output``."""
         ffi.define_async(linker, WASI, "poll_oneoff", ["i32"] * 4, self.poll_oneoff)
         ffi.define_async(linker, WASI, "sched_yield", [], self.sched_yield)
         ffi.define_async(linker, WASI, "clock_time_get", ["i32", "i64", "i32"], self.clock_time_get)
         if async_stdin:
             ffi.define_async(linker, WASI, "fd_read", ["i32"] * 4, self.fd_read)
+        if async_output:
+            ffi.define_async(linker, WASI, "fd_write", ["i32"] * 4, self.fd_write)
 
     def clock_time_get(self, call: HostCall) -> Continuation | None:
         """``clock_time_get(id, precision, *time)``: the host clocks the scheduler also uses."""
@@ -222,30 +230,42 @@ class Shadows:
         waits_stdin = any(s.tag == EVENT_FD_READ and s.fd == 0 for s in subs)
         return (min(deadlines) if deadlines else None), (guest.stdin_fd if waits_stdin else None)
 
-    def fd_read(self, call: HostCall) -> Continuation | None:
-        """``fd_read(fd, iovs, iovs_len, *nread)``: stdin from a pipe/FIFO without blocking the thread."""
-        fd = call.arg(0)
-        guest = self._lookup(call.store_key())
-        if fd != 0 or guest.stdin_fd is None:
-            if guest.builtin_fd_read is None:  # once per guest: every adapter instance lives as long as the store
-                guest.builtin_fd_read = call.builtin(self._engine, self._builtin, self._adapter, "fd_read")
-            call.set_result(call.call_func(guest.builtin_fd_read, 4))
-            return None
-        host_fd = guest.stdin_fd
-        iovs, iovs_len, nread_ptr = call.arg(1), call.arg(2), call.arg(3)
-        base, size = guest.memory_region()
+    def _call_builtin(self, call: HostCall, guest: Waiter, name: str) -> None:
+        """Serve ``call`` with wasmtime's built-in ``name`` (for the fds the shadow does not handle)."""
+        func = guest.builtins.get(name)
+        if func is None:  # once per guest: every adapter instance lives as long as the store
+            func = guest.builtins[name] = call.builtin(self._engine, self._builtin, self._adapters[name], name)
+        call.set_result(call.call_func(func, 4))
+
+    @staticmethod
+    def _iovecs(call: HostCall, base: int, size: int) -> list[tuple[int, int]] | int:
+        """The ``(pointer, length)`` iovecs of an ``fd_read``/``fd_write`` call, or the errno refusing them."""
+        iovs, iovs_len, count_ptr = call.arg(1), call.arg(2), call.arg(3)
         if iovs_len > _MAX_IOVS:
-            call.set_result(ERRNO_INVAL)
-            return None
-        if iovs + 8 * iovs_len > size or nread_ptr + 4 > size:
-            call.set_result(ERRNO_FAULT)
-            return None
+            return ERRNO_INVAL
+        if iovs + 8 * iovs_len > size or count_ptr + 4 > size:
+            return ERRNO_FAULT
         vectors = [
             (c_uint32.from_address(base + iovs + 8 * i).value, c_uint32.from_address(base + iovs + 8 * i + 4).value)
             for i in range(iovs_len)
         ]
         if any(ptr + length > size for ptr, length in vectors):
-            call.set_result(ERRNO_FAULT)
+            return ERRNO_FAULT
+        return vectors
+
+    def fd_read(self, call: HostCall) -> Continuation | None:
+        """``fd_read(fd, iovs, iovs_len, *nread)``: stdin from a pipe/FIFO without blocking the thread."""
+        fd = call.arg(0)
+        guest = self._lookup(call.store_key())
+        if fd != 0 or guest.stdin_fd is None:
+            self._call_builtin(call, guest, "fd_read")
+            return None
+        host_fd = guest.stdin_fd
+        nread_ptr = call.arg(3)
+        base, size = guest.memory_region()
+        vectors = self._iovecs(call, base, size)
+        if isinstance(vectors, int):
+            call.set_result(vectors)
             return None
         wanted = min(_MAX_READ, sum(length for _, length in vectors))
 
@@ -268,6 +288,55 @@ class Shadows:
                 offset += len(chunk)
             c_uint32.from_address(base + nread_ptr).value = len(data)
             call.set_result(ERRNO_SUCCESS)
+            return True
+
+        if attempt():
+            return None
+
+        def resume() -> bool:
+            return guest.take_wakeup() and attempt()
+
+        return resume
+
+    def fd_write(self, call: HostCall) -> Continuation | None:
+        """``fd_write(fd, iovs, iovs_len, *nwritten)``: a FIFO stdout/stderr without blocking the thread.
+
+        Like a blocking write to a pipe, the call returns once every byte is in the pipe (the guest
+        waits, suspended, while it is full), so nothing is buffered here and nothing is lost at exit.
+        A reader that went away is ``EPIPE`` (or the count written before it left).
+        """
+        fd = call.arg(0)
+        guest = self._lookup(call.store_key())
+        host_fd = guest.output_fds.get(fd) if guest.output_fds else None
+        if host_fd is None:
+            self._call_builtin(call, guest, "fd_write")
+            return None
+        nwritten_ptr = call.arg(3)
+        base, size = guest.memory_region()
+        vectors = self._iovecs(call, base, size)
+        if isinstance(vectors, int):
+            call.set_result(vectors)
+            return None
+        # Copied now: the guest's memory cannot change while it waits, but this keeps no pointer into it.
+        data = memoryview(b"".join(string_at(base + ptr, length) for ptr, length in vectors if length))
+        written = 0
+
+        def attempt() -> bool:
+            nonlocal written
+            errno = ERRNO_SUCCESS
+            while written < len(data):
+                try:
+                    written += os.write(host_fd, data[written:])
+                except BlockingIOError:
+                    guest.suspend(None, host_fd, writable=True)
+                    return False
+                except OSError as exc:
+                    errno = ERRNO_PIPE if isinstance(exc, BrokenPipeError) else ERRNO_IO
+                    break
+            if written or not errno:
+                c_uint32.from_address(base + nwritten_ptr).value = written
+                errno = ERRNO_SUCCESS
+            call.set_result(errno)
             return True
 
         if attempt():

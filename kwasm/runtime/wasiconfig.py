@@ -2,7 +2,8 @@
 
 File-descriptor budget: DISCARD and INHERIT streams open nothing; CALLBACK opens nothing; FILE and
 FIFO cost one fd each for the guest's lifetime. A stdin that may block (a pipe, FIFO or terminal)
-is served by the async ``fd_read`` (see :mod:`kwasm.runtime.wasi`), never by a blocking read.
+is served by the async ``fd_read`` (see :mod:`kwasm.runtime.wasi`), never by a blocking read; a
+FIFO stdout/stderr by the async ``fd_write``, never by a blocking write.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from kwasm.runtime.guest import GuestSpec, Stdio, StdioKind
 
 @dataclass
 class WasiSetup:
-    """The context plus what the engine must track: the async stdin fd and fds to close at exit."""
+    """The context plus what the engine must track: the async stdin and output fds, fds to close at exit."""
 
     config: WasiConfig
     stdin_fd: int | None = None
+    #: Guest fd (1, 2) → our non-blocking write end of its FIFO; None when no output is a FIFO.
+    output_fds: dict[int, int] | None = None
     owned_fds: list[int] = field(default_factory=list)
 
     def close(self) -> None:
@@ -97,13 +100,19 @@ def _output(setup: WasiSetup, fd: int, stream: Stdio) -> None:
         setup.owned_fds.append(target)
         setup.config.output_callback(fd, _appender(target))
     elif stream.kind is StdioKind.FIFO:
-        # O_RDWR never blocks, even before the reader has opened the FIFO; wasmtime then opens its
-        # own write end through /proc (instantly, since a reader exists) and we drop ours.
-        ours = os.open(_path(stream), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        # O_RDWR never blocks, even before the reader has opened the FIFO; the write-only end is then
+        # opened through /proc (instantly, since a reader exists) and the O_RDWR one dropped, so a
+        # reader that goes away makes writes fail with EPIPE. wasmtime's own stream for ``fd`` stays
+        # the default sink: the async fd_write serves it from this fd.
+        read_write = os.open(_path(stream), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            setup.config.output_file(fd, f"/proc/self/fd/{ours}")
+            ours = os.open(f"/proc/self/fd/{read_write}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         finally:
-            os.close(ours)
+            os.close(read_write)
+        setup.owned_fds.append(ours)
+        if setup.output_fds is None:
+            setup.output_fds = {}
+        setup.output_fds[fd] = ours
 
 
 def _path(stream: Stdio) -> str:

@@ -10,6 +10,9 @@
 //   probe yield N          call sched_yield N times, print "yielded"
 //   probe trap             execute unreachable
 //   probe env NAME         print the value of environment variable NAME (exit 1 if unset)
+//   probe flood BYTES CHUNK  write BYTES pattern bytes (byte i is i % 251) to stdout with write(2) calls
+//                          of CHUNK bytes, then printf "flooded BYTES"; a failed write is reported on
+//                          stderr ("flood: ERROR after N bytes") and exits 3 for EPIPE, 1 otherwise
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -136,6 +139,23 @@ int main(int argc, char **argv) {
     const char *value = getenv(argv[2]);
     if (!value) return 1;
     printf("%s\n", value);
+    return 0;
+  }
+  if (!strcmp(cmd, "flood") && argc == 4) {
+    size_t total = (size_t)atol(argv[2]), chunk = (size_t)atol(argv[3]), done = 0;
+    char *buf = malloc(chunk);
+    if (!buf) return 12;
+    while (done < total) {
+      size_t n = total - done < chunk ? total - done : chunk;
+      for (size_t i = 0; i < n; i++) buf[i] = (char)((done + i) % 251);
+      ssize_t wrote = write(1, buf, n);
+      if (wrote < 0) {
+        fprintf(stderr, "flood: %s after %zu bytes\n", strerror(errno), done);
+        return errno == EPIPE ? 3 : 1;
+      }
+      done += (size_t)wrote;
+    }
+    printf("flooded %zu\n", done);
     return 0;
   }
   fprintf(stderr, "unknown command: %s\n", cmd);
