@@ -118,8 +118,12 @@ def run(
     ] = None,
     memory: Annotated[str | None, typer.Option("--memory", help="Linear memory limit, e.g. 64M.")] = None,
     timeout: Annotated[str | None, typer.Option("--timeout", help="Kill the guest after this, e.g. 10s.")] = None,
-    engine: Annotated[str, typer.Option("--engine", help="local (in-process) or isulad (via crictl).")] = "local",
-    rm: Annotated[bool, typer.Option("--rm/--keep", help="isulad: remove the pod when it ends.")] = True,
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (in-process), isulad (via crictl) or containerd (via ctr).")
+    ] = "local",
+    rm: Annotated[
+        bool, typer.Option("--rm/--keep", help="isulad: remove the pod when it ends; containerd: the container.")
+    ] = True,
 ) -> None:
     """Run a wasm image or module; kwasm exits with the guest's exit code.
 
@@ -137,8 +141,14 @@ def run(
         from kwasm.cri.isulad_run import run_on_isulad
 
         raise typer.Exit(run_on_isulad(target, arguments, environment, rm))
+    if engine == "containerd":
+        if volume or memory or timeout:
+            raise UsageError("-v, --memory and --timeout are not supported with --engine containerd")
+        from kwasm.shim.containerd_run import run_on_containerd
+
+        raise typer.Exit(run_on_containerd(target, arguments, environment, rm, None))
     if engine != "local":
-        raise UsageError(f"--engine takes local or isulad, not {engine!r}")
+        raise UsageError(f"--engine takes local, isulad or containerd, not {engine!r}")
     limit = parse_size(memory) if memory else None
     seconds = parse_duration(timeout) if timeout else None
     volumes = [parse_volume(v) for v in volume or []]
