@@ -128,6 +128,18 @@ def test_layout_dir_is_read_by_skopeo_and_unpacked_by_umoci(
     assert runtime["process"]["args"] == ["/wasi-demo-app.wasm"]
 
 
+def test_rewriting_a_layout_repairs_a_damaged_blob_of_the_same_size(
+    store: ImageStore, demo: StoredImage, tmp_path: Path
+) -> None:
+    layout = tmp_path / "layout"
+    write_layout_dir(store, [demo], layout)
+    blob = layout / "blobs" / "sha256" / demo.layers[0]["digest"][7:]
+    original = blob.read_bytes()
+    blob.write_bytes(original[:-1] + b"?")
+    write_layout_dir(store, [demo], layout)
+    assert blob.read_bytes() == original
+
+
 def test_saving_twice_gives_identical_bytes(store: ImageStore, demo: StoredImage, tmp_path: Path) -> None:
     write_archive(store, [demo], tmp_path / "one.tar")
     write_archive(store, [demo], tmp_path / "two.tar")
@@ -236,6 +248,18 @@ def test_tampered_blob_is_a_digest_mismatch(store: ImageStore, demo: StoredImage
     with pytest.raises(DigestMismatchError, match="diff_id"):
         load_images(target, write_tar(tmp_path / "tampered-docker.tar", files))
     assert store_snapshot(target) == {}
+
+
+def test_corrupt_gzip_layer_in_a_docker_archive_is_one_clear_error(store: ImageStore, tmp_path: Path) -> None:
+    layer = bytearray(gzip.compress(bytes(range(256)) * 64))
+    layer[10:18] = b"\x00\xff" * 4  # breaks the deflate stream itself (zlib.error, not OSError)
+    config = json.dumps({"os": "linux", "architecture": "amd64", "rootfs": {"diff_ids": ["sha256:" + "0" * 64]}})
+    manifest = [{"Config": "config.json", "RepoTags": ["corrupt:1"], "Layers": ["layer.tar.gz"]}]
+    files = {"manifest.json": json.dumps(manifest).encode(), "config.json": config.encode()}
+    files["layer.tar.gz"] = bytes(layer)
+    with pytest.raises(InvalidImageError, match="corrupt gzip data"):
+        load_images(store, write_tar(tmp_path / "corrupt.tar", files))
+    assert store_snapshot(store) == {}
 
 
 def test_not_an_archive_is_refused(store: ImageStore, tmp_path: Path) -> None:

@@ -283,6 +283,30 @@ def test_symlink_out_of_the_context_is_refused(store: ImageStore, tmp_path: Path
     assert store_snapshot(store) == {}
 
 
+def test_broken_symlink_in_the_context_is_one_clear_error(store: ImageStore, tmp_path: Path) -> None:
+    context = _context(tmp_path, DEMO_DOCKERFILE, {})
+    (context / "app.wasm").symlink_to("missing.wasm")
+    with pytest.raises(DockerfileError, match=r"line 2: ADD: .*missing\.wasm: No such file") as caught:
+        build_from_dockerfile(store, context, context / "Dockerfile", [DEMO])
+    assert "\n" not in str(caught.value)
+    assert store_snapshot(store) == {}
+
+
+@pytest.mark.parametrize(
+    ("destination", "entrypoint", "folder"),
+    [("sub/.", "sub/app.wasm", "srv/sub"), ("./sub/", "sub/app.wasm", "srv/sub"), (".", "app.wasm", "srv")],
+)
+def test_a_dot_destination_names_a_directory(
+    store: ImageStore, tmp_path: Path, destination: str, entrypoint: str, folder: str
+) -> None:
+    dockerfile = f'FROM scratch\nWORKDIR /srv\nCOPY app.wasm extra.txt {destination}\nENTRYPOINT ["{entrypoint}"]\n'
+    context = _context(tmp_path, dockerfile, {"app.wasm": DEMO_WASM.read_bytes(), "extra.txt": b"x"})
+    build_from_dockerfile(store, context, context / "Dockerfile", [DEMO])
+    members = layer_members(store, store.resolve(DEMO))
+    assert members[folder].isdir()
+    assert members[f"{folder}/app.wasm"].isfile() and members[f"{folder}/extra.txt"].isfile()
+
+
 def test_add_refuses_to_silently_skip_archive_unpacking(store: ImageStore, tmp_path: Path) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:

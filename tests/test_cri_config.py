@@ -113,6 +113,16 @@ def test_unknown_image_and_bad_env_write_nothing(kwasm: KwasmRunner, kwasm_root:
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
+def test_an_output_directory_that_cannot_be_made_is_one_error_line(
+    kwasm: KwasmRunner, kwasm_root: Path, tmp_path: Path
+) -> None:
+    store_demo_image(kwasm_root)
+    (tmp_path / "file").write_text("not a directory")
+    result = kwasm("cri-config", "wasi-demo-app", "-o", str(tmp_path / "file" / "out"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: cannot create {tmp_path / 'file' / 'out'}: Not a directory"]
+
+
 def test_k8s_runtimeclass_manifest(kwasm: KwasmRunner) -> None:
     result = kwasm("k8s", "runtimeclass", "--handler", "wasm", "--image", "127.0.0.1:5000/demo:1", "--", "sleep", "5")
     assert result.returncode == 0, result.stderr

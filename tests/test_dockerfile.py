@@ -64,6 +64,8 @@ def test_meta_args_are_invisible_after_from_unless_redeclared() -> None:
         ('"keep \\n backslash"', "keep \\n backslash"),
         ("a\\ b", "a b"),
         ("cost$", "cost$"),
+        ("${B:-${A}}/x", "1/x"),
+        ("${A:+[${A}]}", "[1]"),
     ],
 )
 def test_word_expansion_follows_docker(word: str, expected: str) -> None:

@@ -143,6 +143,7 @@ def test_tag_rmi_save_load_cycle(cli: KwasmRunner, kwasm_root: Path, tmp_path: P
         (["build", "--wasm", "{demo}", "-t", "Bad Name"], 2, "invalid image reference"),
         (["load", "-i", "{tmp}/evil.tar"], 4, "would land outside the target"),
         (["save", "existing:1"], 2, "-o IMAGE.tar"),
+        (["build", "--wasm", "{demo}", "-t", "new:1", "-o", "{tmp}/missing/x.tar"], 3, "does not exist"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_the_store_unchanged(

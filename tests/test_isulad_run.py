@@ -144,6 +144,17 @@ def test_failed_crictl_run_reports_reason_and_removes_configs(node: Fakes, kwasm
     assert list((kwasm_root / "isulad").iterdir()) == []
 
 
+def test_unwritable_pod_log_root_is_one_error_and_removes_configs(
+    node: Fakes, kwasm_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node.set("images", "wasi-demo-app latest\n")
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("KWASM_POD_LOG_ROOT", str(tmp_path / "not-a-dir"))
+    with pytest.raises(ConfigFileError, match=r"cannot create the pod log directory .*KWASM_POD_LOG_ROOT"):
+        run_on_isulad("wasi-demo-app", [], {}, rm=True)
+    assert list((kwasm_root / "isulad").iterdir()) == []
+
+
 def test_kwasm_run_engine_isulad_exits_with_the_containers_code(node: Fakes, kwasm: KwasmRunner) -> None:
     node.set("images", "wasi-demo-app latest\n")
     node.set("exit_code", "5")

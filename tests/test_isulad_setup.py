@@ -146,6 +146,18 @@ def test_a_string_enable_cri_v1_is_corrected_to_a_boolean(kwasm: KwasmRunner, fa
     assert json.loads(path.read_text())["enable-cri-v1"] is True
 
 
+def test_a_numeric_enable_cri_v1_is_corrected_to_a_boolean(kwasm: KwasmRunner, fakes: Fakes) -> None:
+    path = _daemon_json(fakes)
+    configured = {
+        "enable-cri-v1": 1,
+        "cri-runtimes": {"wasm": "io.containerd.wasm.v1"},
+        "cri-sandboxers": {"wasm": WANT_SANDBOXER},
+    }
+    path.write_text(json.dumps(configured))
+    assert kwasm("setup-isulad").returncode == 0
+    assert json.loads(path.read_text())["enable-cri-v1"] is True
+
+
 def test_non_object_cri_runtimes_is_refused(kwasm: KwasmRunner, fakes: Fakes) -> None:
     path = _daemon_json(fakes)
     path.write_text('{"cri-runtimes": ["wasm"]}')
@@ -166,6 +178,17 @@ def test_invalid_json_is_untouched_and_reported_with_line_and_column(kwasm: Kwas
     assert len(result.stderr.strip().splitlines()) == 1
     assert path.read_text() == text
     assert sorted(p.name for p in path.parent.iterdir()) == ["daemon.json"]
+
+
+def test_duplicate_keys_are_refused_untouched(kwasm: KwasmRunner, fakes: Fakes) -> None:
+    path = _daemon_json(fakes)
+    text = '{"cri-runtimes": {"kata": "io.containerd.kata.v2", "kata": "io.containerd.kata.v3"}}\n'
+    path.write_text(text)
+    result = kwasm("setup-isulad")
+    assert result.returncode != 0
+    assert "repeats the key(s) kata" in result.stderr
+    assert path.read_text() == text
+    assert _backups(path) == []
 
 
 def test_read_only_file_is_refused_untouched(kwasm: KwasmRunner, fakes: Fakes) -> None:

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from kwasm.errors import DigestMismatchError, ImageNotFoundError, UnsafeArchiveError, UsageError
+from kwasm.errors import (
+    DigestMismatchError,
+    ImageNotFoundError,
+    InvalidImageError,
+    UnsafeArchiveError,
+    UsageError,
+)
 from kwasm.image.reference import Reference
 from kwasm.image.store import MEDIA_OCI_CONFIG, MEDIA_OCI_LAYER_TAR, MEDIA_OCI_MANIFEST, ImageStore, sha256_digest
 
@@ -106,6 +112,26 @@ def test_unpack_refuses_escaping_entries(tmp_path: Path) -> None:
         store.module_path(store.resolve("evil:1"))
     assert not (tmp_path / "evil.wasm").exists()
     assert not (tmp_path / "rootfs").exists() or not any((tmp_path / "rootfs").iterdir())
+
+
+def test_a_layer_that_is_not_a_tar_is_one_clear_error(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    store.tag("junk:1", _put_image(store, b"not a tar archive" * 64, ["/app.wasm"]))
+    with pytest.raises(InvalidImageError, match="is not a readable tar") as caught:
+        store.module_path(store.resolve("junk:1"))
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "rootfs").exists() or not any((tmp_path / "rootfs").iterdir())
+
+
+def test_a_config_that_is_not_an_object_is_an_invalid_image(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    config_digest = store.put_blob(b"[]")
+    manifest = json.dumps(
+        {"schemaVersion": 2, "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": config_digest, "size": 2}}
+    ).encode()
+    store.tag("odd:1", store.put_blob(manifest))
+    with pytest.raises(InvalidImageError, match="not a JSON object"):
+        store.resolve("odd:1")
 
 
 def test_unknown_and_malformed_references(tmp_path: Path) -> None:

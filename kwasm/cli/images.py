@@ -127,9 +127,12 @@ def build(
 
       SOURCE_DATE_EPOCH=0 kwasm build . --platform linux/amd64 --oci-dir out/
     """
+    from kwasm.image.archive import check_output_file
     from kwasm.image.builder import build_from_dockerfile, build_from_wasm, source_date_epoch
 
     started = time.perf_counter()
+    if output is not None:
+        check_output_file(output)  # before building, so a typo in -o leaves the store as it was
     store = _store()
     epoch = source_date_epoch()
     if wasm is not None:

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from kwasm.cli.output import console, err_console, print_json
+from kwasm.cli.output import console, err_console, info, print_json
 
 app = typer.Typer()
 k8s_app = typer.Typer(
@@ -35,11 +35,6 @@ Handler = Annotated[str, typer.Option("--handler", help="CRI runtime handler (cr
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 _STATUS_STYLE = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
-
-
-def info(message: str) -> None:
-    """A status line on stderr, never wrapped mid-path."""
-    err_console.print(message, soft_wrap=True)
 
 
 def _print_diff(lines: list[str]) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from kwasm import __version__
 from kwasm.cli import bench, images, isulad, registry, run, sandboxer, state
@@ -62,7 +63,7 @@ def main() -> None:
     try:
         app()
     except KwasmError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

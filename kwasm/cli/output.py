@@ -17,5 +17,5 @@ def print_json(data: Any) -> None:
 
 
 def info(message: str) -> None:
-    """Print a progress or status line on stderr, so stdout stays clean for data."""
-    err_console.print(message)
+    """Print a progress or status line on stderr (never wrapped mid-path), so stdout stays clean for data."""
+    err_console.print(message, soft_wrap=True)

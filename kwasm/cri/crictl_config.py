@@ -13,13 +13,13 @@ import os
 import re
 import secrets
 import shlex
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kwasm.errors import UsageError
+from kwasm.errors import KwasmError, UsageError
+from kwasm.image.archive import atomic_file
 from kwasm.image.reference import Reference
 from kwasm.image.store import StoredImage
 
@@ -119,25 +119,16 @@ def build_configs(
     return CriConfigs(pod_name, pod, container)
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            os.fchmod(handle.fileno(), 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_configs(configs: CriConfigs, out_dir: Path) -> tuple[Path, Path]:
     """Write ``pod.json`` and ``container.json`` into ``out_dir`` (created if needed); returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KwasmError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
     pod_path, container_path = out_dir / POD_FILE, out_dir / CONTAINER_FILE
-    _write_atomic(pod_path, configs.pod)
-    _write_atomic(container_path, configs.container)
+    for path, document in ((pod_path, configs.pod), (container_path, configs.container)):
+        with atomic_file(path) as handle:
+            handle.write(json.dumps(document, indent=2).encode() + b"\n")
     return pod_path, container_path
 
 

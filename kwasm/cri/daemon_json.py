@@ -91,7 +91,30 @@ def load_daemon_json(path: Path) -> DaemonJson:
         return DaemonJson(path, None, json.loads(json.dumps(SHIPPED_DEFAULT)))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"cannot read {path}: {exc}") from None
-    return DaemonJson(path, text, parse_daemon_json(path, text))
+    config = parse_daemon_json(path, text)
+    duplicated = _duplicate_keys(text)
+    if duplicated:
+        raise ConfigFileError(
+            f"{path} repeats the key(s) {', '.join(sorted(duplicated))}; rewriting it would drop all but one "
+            "of each, so it was left untouched: remove the duplicates by hand"
+        )
+    return DaemonJson(path, text, config)
+
+
+def _duplicate_keys(text: str) -> set[str]:
+    """Keys that appear twice in one JSON object anywhere in ``text`` (already known to be valid JSON)."""
+    duplicated: set[str] = set()
+
+    def collect(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                duplicated.add(key)
+            seen.add(key)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=collect)
+    return duplicated
 
 
 def apply_handler(config: dict[str, Any], settings: HandlerSettings) -> dict[str, Any]:
@@ -114,26 +137,6 @@ def apply_handler(config: dict[str, Any], settings: HandlerSettings) -> dict[str
     merged["cri-sandboxers"] = sandboxers
     merged["enable-cri-v1"] = True
     return merged
-
-
-def handler_problems(config: dict[str, Any], settings: HandlerSettings) -> list[str]:
-    """Why ``config`` does not (yet) route ``settings.handler`` to the sandboxer; empty when it does."""
-    problems: list[str] = []
-    if config.get("enable-cri-v1") is not True:
-        problems.append("enable-cri-v1 is not true (iSulad serves no CRI v1 and never calls a sandboxer)")
-    runtimes = config.get("cri-runtimes")
-    runtime = runtimes.get(settings.handler) if isinstance(runtimes, dict) else None
-    if runtime != settings.runtime:
-        problems.append(f"cri-runtimes[{settings.handler!r}] is {runtime!r}, want {settings.runtime!r}")
-    sandboxers = config.get("cri-sandboxers")
-    entry = sandboxers.get(settings.handler) if isinstance(sandboxers, dict) else None
-    want = {"name": settings.sandboxer_name, "address": settings.sandboxer_address}
-    found = (
-        {"name": entry.get("name"), "address": entry.get("address")} if isinstance(entry, dict) else None
-    )
-    if found != want:
-        problems.append(f"cri-sandboxers[{settings.handler!r}] is {found!r}, want {want!r}")
-    return problems
 
 
 def setting_warnings(config: dict[str, Any], settings: HandlerSettings) -> list[str]:
@@ -272,6 +275,6 @@ def plan_setup(path: Path, settings: HandlerSettings) -> SetupPlan:
     except ConfigFileError as exc:
         raise ConfigFileError(f"{path}: {exc}") from None
     validate_types(path, merged)
-    changed = loaded.text is None or merged != loaded.config
+    changed = loaded.text is None or json.dumps(merged) != json.dumps(loaded.config)  # 1 == True in Python
     new_text = render_daemon_json(merged) if changed else (loaded.text or "")
     return SetupPlan(path, loaded.text, new_text, changed, setting_warnings(merged, settings))

@@ -105,9 +105,15 @@ def _pod_ids(pod_name: str) -> list[str]:
 def _wait_exit(container_id: str) -> int:
     """Poll ``crictl inspect`` until the container has exited; its exit code."""
     while True:
-        status = json.loads(_crictl(["inspect", "-o", "json", container_id])).get("status", {})
-        if status.get("state") == "CONTAINER_EXITED":
-            return int(status.get("exitCode", 0))
+        output = _crictl(["inspect", "-o", "json", container_id])
+        try:
+            status = json.loads(output)["status"]
+            state, exit_code = status.get("state"), status.get("exitCode", 0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            reason = last_line(output) or "nothing"
+            raise ToolMissingError(f"`crictl inspect {container_id}` printed no container status: {reason}") from None
+        if state == "CONTAINER_EXITED":
+            return int(exit_code)
         time.sleep(POLL_SECONDS)
 
 
@@ -162,7 +168,14 @@ def run_on_isulad(
     work_dir = store.root / "isulad" / configs.name
     pod_path, container_path = write_configs(configs, work_dir)
     log_dir = configs.log_file.parent
-    log_dir.mkdir(parents=True, exist_ok=True)  # kubelet creates it before RunPodSandbox; so do we
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)  # kubelet creates it before RunPodSandbox; so do we
+    except OSError as exc:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        reason = exc.strerror or exc
+        raise ConfigFileError(
+            f"cannot create the pod log directory {log_dir}: {reason} (run as root or set $KWASM_POD_LOG_ROOT)"
+        ) from None
     argv = crictl_run_argv(handler, container_path, pod_path)
     try:
         container_id = last_line(_crictl(argv[1:]))

@@ -17,6 +17,7 @@ Reading archives back is :mod:`kwasm.image.load`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -108,13 +109,18 @@ def _name_of(descriptor: dict[str, Any]) -> str | None:
     return str(name) if name is not None else None
 
 
-@contextlib.contextmanager
-def _atomic_file(target: Path) -> Iterator[IO[bytes]]:
-    """A temporary file next to ``target`` that replaces it only if the block succeeds."""
+def check_output_file(target: Path) -> None:
+    """Refuse an output path that cannot become a file: a directory, or one in a missing directory."""
     if target.is_dir():
         raise UsageError(f"cannot write {target}: it is a directory (give a file name)")
     if not target.parent.is_dir():
         raise NotFoundError(f"cannot write {target}: directory {target.parent} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[IO[bytes]]:
+    """A temporary file next to ``target`` that replaces it only if the block succeeds."""
+    check_output_file(target)
     staged: Path | None = None
     try:
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as handle:
@@ -155,7 +161,7 @@ def write_archive(store: ImageStore, images: Sequence[StoredImage], target: Path
     files["index.json"] = (content.index(), 0o644)
     if content.docker_manifest:
         files["manifest.json"] = (canonical_json(content.docker_manifest), 0o644)
-    with _atomic_file(target) as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with atomic_file(target) as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in sorted(files):
             _tar_entry(tar, name, *files[name])
 
@@ -177,13 +183,19 @@ def write_layout_dir(store: ImageStore, images: Sequence[StoredImage], target: P
         raise KwasmError(f"cannot create {target}: {exc.strerror or exc}") from None
     for digest, data in content.blobs.items():
         path = target / blob_name(digest)
-        if not path.is_file() or path.stat().st_size != len(data):
-            with _atomic_file(path) as handle:
+        if not path.is_file() or _file_digest(path) != digest:
+            with atomic_file(path) as handle:
                 handle.write(data)
-    with _atomic_file(target / "oci-layout") as handle:
+    with atomic_file(target / "oci-layout") as handle:
         handle.write(OCI_LAYOUT)
-    with _atomic_file(target / "index.json") as handle:
+    with atomic_file(target / "index.json") as handle:
         handle.write(content.index(existing))
+
+
+def _file_digest(path: Path) -> str:
+    """The sha256 digest of a file already in a layout (so a damaged blob of the right size is rewritten)."""
+    with path.open("rb") as handle:
+        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _existing_manifests(layout: Path) -> list[dict[str, Any]]:

@@ -198,14 +198,16 @@ class BuildContext:
                     self._copy_file(copy, tree, real, target)
 
     def _copy_file(self, copy: CopyInstruction, tree: ImageTree, real: Path, target: str) -> None:
-        info = real.stat()
+        try:
+            info = real.stat()
+        except OSError as exc:
+            raise self._fail(copy, f"{real}: {exc.strerror or exc} (a broken symbolic link?)") from None
         if not stat.S_ISREG(info.st_mode):
             raise self._fail(copy, f"{real}: not a regular file")
-        if copy.instruction == "ADD" and tarfile.is_tarfile(real):
-            raise self._fail(
-                copy, f"{real.name}: ADD would unpack this archive, which kwasm does not do; use COPY to add it as is"
-            )
         try:
+            if copy.instruction == "ADD" and tarfile.is_tarfile(real):
+                why = "ADD would unpack this archive, which kwasm does not do; use COPY to add it as is"
+                raise self._fail(copy, f"{real.name}: {why}")
             data = real.read_bytes()
         except OSError as exc:
             raise self._fail(copy, f"{real}: cannot read: {exc.strerror or exc}") from None

@@ -98,9 +98,7 @@ def expand_word(word: str, variables: Mapping[str, str], escape: str = "\\") -> 
 def _expand_variable(word: str, start: int, variables: Mapping[str, str]) -> tuple[str, int]:
     """Expand the ``$NAME`` or ``${...}`` at ``word[start]``; return the value and the next index."""
     if word.startswith("${", start):
-        end = word.find("}", start)
-        if end < 0:
-            raise ValueError(f"missing '}}' in {word!r}")
+        end = _closing_brace(word, start + 2)
         body = word[start + 2 : end]
         match = _SUBSTITUTION.fullmatch(body)
         if match is None:
@@ -116,6 +114,19 @@ def _expand_variable(word: str, start: int, variables: Mapping[str, str]) -> tup
     if match is None:
         return "$", start + 1
     return variables.get(match.group(), ""), match.end()
+
+
+def _closing_brace(word: str, start: int) -> int:
+    """Index of the ``}`` closing a ``${`` whose body starts at ``start`` (nested ``${...}`` allowed)."""
+    depth = 1
+    for index in range(start, len(word)):
+        if word.startswith("${", index):
+            depth += 1
+        elif word[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return index
+    raise ValueError(f"missing '}}' in {word!r}")
 
 
 def _escape_directive(text: str) -> str:
@@ -262,11 +273,12 @@ class _RecipeBuilder:
         for source in sources:
             if re.match(r"^[a-z][a-z0-9+.-]*://|^git@", source):
                 raise self.fail(command, f"remote source {source!r} is not supported; add a local file")
-        if len(sources) > 1 and not destination.endswith("/"):
+        names_dir = destination.endswith("/") or posixpath.basename(destination) in (".", "..")
+        if len(sources) > 1 and not names_dir:
             raise self.fail(command, "with more than one source the destination must be a directory ending in /")
         absolute = posixpath.join(self.recipe.working_dir or "/", destination)
         normalized = "/" + posixpath.normpath(absolute).lstrip("/")
-        if destination.endswith("/") and normalized != "/":
+        if names_dir and normalized != "/":
             normalized += "/"
         self.recipe.copies.append(
             CopyInstruction(command.start_line, command.cmd.upper(), tuple(sources), normalized, chmod)

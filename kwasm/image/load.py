@@ -17,6 +17,7 @@ import json
 import posixpath
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,9 @@ def _reference(text: str, where: Path) -> Reference:
         raise InvalidImageError(f"{where}: bad image name in archive: {exc}") from None
 
 
-def _platform(config: dict[str, Any]) -> str:
+def _platform(config: Any, where: Path) -> str:
+    if not isinstance(config, dict):
+        raise InvalidImageError(f"{where}: an image config is not a JSON object")
     return f"{config.get('os', '?')}/{config.get('architecture', '?')}"
 
 
@@ -174,7 +177,7 @@ def _read_manifest(source: _Source, descriptor: dict[str, Any], names: list[Refe
         part_digest, data = source.blob(part)
         image.blobs[part_digest] = data
     try:
-        image.platform = _platform(json.loads(image.blobs[manifest["config"]["digest"]]))
+        image.platform = _platform(json.loads(image.blobs[manifest["config"]["digest"]]), source.path)
     except ValueError:
         raise InvalidImageError(f"{source.path}: config of {digest} is not valid JSON") from None
     return image
@@ -234,7 +237,7 @@ def _layer_diff_id(data: bytes, where: str) -> tuple[str, str]:
     if data[:2] == b"\x1f\x8b":
         try:
             return MEDIA_OCI_LAYER_TAR_GZIP, sha256_digest(gzip.decompress(data))
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise InvalidImageError(f"{where}: corrupt gzip data ({exc})") from None
     return MEDIA_OCI_LAYER_TAR, sha256_digest(data)
 
@@ -286,7 +289,7 @@ def _read_docker_archive(source: _Source, default_name: Reference | None) -> lis
             if default_name is None:
                 raise UsageError(f"{source.path}: image {config_digest[:19]} has no name; pass --tag NAME to name it")
             names = [default_name]
-        images.append(LoadedImage(names, digest, _platform(config), blobs))
+        images.append(LoadedImage(names, digest, _platform(config, source.path), blobs))
     return images
 
 

@@ -83,7 +83,11 @@ class ImageConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ImageConfig:
         """Normalise a parsed config blob (either kind) into an :class:`ImageConfig`."""
+        if not isinstance(data, dict):
+            raise InvalidImageError("image config is not a JSON object")
         runtime = data.get("config") or {}
+        if not isinstance(runtime, dict):
+            raise InvalidImageError("image config field 'config' is not a JSON object")
         return cls(
             os=str(data.get("os", "")),
             architecture=str(data.get("architecture", "")),
@@ -215,11 +219,11 @@ class ImageStore:
         reference = _as_reference(ref)
         if reference.digest is not None:
             raise UsageError(f"cannot tag with a digest reference: {reference.familiar()}")
-        manifest = self._load_manifest(manifest_digest)
-        for descriptor in [manifest["config"], *manifest.get("layers", [])]:
-            if not self.has_blob(descriptor["digest"]):
-                raise StoreError(f"cannot tag {reference.familiar()}: blob {descriptor['digest']} is missing")
-        with self._lock:
+        with self._lock:  # checked under the lock, so a concurrent rmi cannot collect the blobs in between
+            manifest = self._load_manifest(manifest_digest)
+            for descriptor in [manifest["config"], *manifest.get("layers", [])]:
+                if not self.has_blob(descriptor["digest"]):
+                    raise StoreError(f"cannot tag {reference.familiar()}: blob {descriptor['digest']} is missing")
             refs = self._read_refs()
             refs[str(reference)] = manifest_digest
             self._write_refs(refs)
@@ -298,11 +302,18 @@ class ImageStore:
             for layer in image.layers:
                 if layer.get("mediaType") not in _TAR_LAYER_TYPES:
                     raise InvalidImageError(f"{_describe(image)}: layer type {layer.get('mediaType')} is not a tar")
-                with tarfile.open(self.blob_path(layer["digest"]), mode="r:*") as archive:
-                    try:
+                try:
+                    with tarfile.open(self.blob_path(layer["digest"]), mode="r:*") as archive:
                         archive.extractall(staging, filter="data")
-                    except tarfile.FilterError as exc:
-                        raise UnsafeArchiveError(f"{_describe(image)}: unsafe layer entry: {exc}") from exc
+                except tarfile.FilterError as exc:
+                    raise UnsafeArchiveError(f"{_describe(image)}: unsafe layer entry: {exc}") from exc
+                except (tarfile.TarError, EOFError) as exc:
+                    reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+                    raise InvalidImageError(
+                        f"{_describe(image)}: layer {layer['digest'][:19]} is not a readable tar ({reason})"
+                    ) from exc
+                except OSError as exc:
+                    raise StoreError(f"cannot unpack {_describe(image)}: {exc.strerror or exc}") from exc
             try:
                 os.replace(staging, target)
             except OSError:
