@@ -12,7 +12,7 @@ import typer
 
 from kwasm.cli.output import err_console
 from kwasm.cli.state import data_root
-from kwasm.errors import NotFoundError, UsageError
+from kwasm.errors import ImageNotFoundError, NotFoundError, UsageError
 
 app = typer.Typer()
 
@@ -85,7 +85,7 @@ class Program:
 
 
 def resolve_program(target: str, args: list[str]) -> Program:
-    """A ``.wasm`` path runs as is; anything else is an image in the local store."""
+    """A ``.wasm`` path runs as is; anything else is an image, pulled into the local store if absent."""
     path = Path(target)
     if target.endswith(".wasm") or path.is_file():
         if not path.is_file():
@@ -94,7 +94,12 @@ def resolve_program(target: str, args: list[str]) -> Program:
     from kwasm.image.store import ImageStore
 
     store = ImageStore.default()
-    image = store.resolve(target)
+    try:
+        image = store.resolve(target)
+    except ImageNotFoundError:
+        from kwasm.image.registry import ensure_local
+
+        image = ensure_local(store, target)
     config = image.config
     module = store.module_path(image)
     program = [*config.entrypoint, *(args or config.cmd)]
@@ -108,7 +113,9 @@ def resolve_program(target: str, args: list[str]) -> Program:
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def run(
-    target: Annotated[str, typer.Argument(help="Image reference in the local store, or a .wasm file.")],
+    target: Annotated[
+        str, typer.Argument(help="Image reference (pulled first if not in the local store), or a .wasm file.")
+    ],
     args: Annotated[
         list[str] | None, typer.Argument(help="Arguments (after --); they replace the image's cmd.")
     ] = None,
@@ -132,6 +139,8 @@ def run(
       kwasm run wasi-demo-app:latest -- echo hello
 
       kwasm run app.wasm -v ./data:/data -e MODE=fast --memory 64M --timeout 10s -- arg1
+
+      kwasm run 127.0.0.1:5000/team/app:1 -- serve   (pulls the image first)
     """
     arguments = list(args or [])
     environment = parse_env(list(env or []))
