@@ -383,7 +383,7 @@ class ImageStore:
             config_json = json.loads(self.read_blob(config_descriptor["digest"]))
         except ValueError as exc:
             raise InvalidImageError(f"config of {digest} is not valid JSON") from exc
-        size = len(self.read_blob(digest)) + int(config_descriptor.get("size", 0))
+        size = self.blob_path(digest).stat().st_size + int(config_descriptor.get("size", 0))
         size += sum(int(layer.get("size", 0)) for layer in manifest.get("layers", []))
         return StoredImage(
             reference=reference,
