@@ -121,3 +121,11 @@ def test_a_dockerfile_without_from_is_refused(text: str, reason: str) -> None:
 def test_missing_dockerfile_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="no Dockerfile at"):
         read_dockerfile(tmp_path / "Dockerfile")
+
+
+def test_shell_form_entrypoint_makes_the_image_ignore_cmd_as_docker_does() -> None:
+    shell = parse_dockerfile("FROM scratch\nCMD [\"daemon\"]\nENTRYPOINT /app.wasm echo 'hi there'\n", "Dockerfile", {})
+    assert shell.entrypoint == ["/app.wasm", "echo", "hi there"]
+    assert shell.cmd == []
+    exec_form = parse_dockerfile('FROM scratch\nENTRYPOINT ["/app.wasm"]\nCMD daemon\n', "Dockerfile", {})
+    assert exec_form.cmd == ["daemon"]

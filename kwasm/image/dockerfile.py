@@ -4,7 +4,8 @@ Accepted: ``FROM scratch`` (one stage), ``ADD``/``COPY`` of local files and dire
 allowed), ``ENTRYPOINT``/``CMD`` in exec and shell form, ``ENV``, ``LABEL``, ``WORKDIR`` and ``ARG``.
 Everything else is refused with a :class:`~kwasm.errors.DockerfileError` that names the line and says
 why. A wasm image has no shell, so the shell form of ``ENTRYPOINT``/``CMD`` is split into words the way
-a POSIX shell would split it (there is no ``/bin/sh -c`` wrapper). Words go through Docker's variable
+a POSIX shell would split it (there is no ``/bin/sh -c`` wrapper); as with Docker, a shell-form
+``ENTRYPOINT`` makes the image ignore ``CMD``. Words go through Docker's variable
 expansion (``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR:+alt}``) and quote removal.
 """
 
@@ -59,6 +60,8 @@ class BuildRecipe:
     labels: dict[str, str] = field(default_factory=dict)
     working_dir: str = ""
     workdirs: list[str] = field(default_factory=list)
+    #: True when ENTRYPOINT used the shell form: Docker then ignores CMD, and so does the built image.
+    shell_entrypoint: bool = False
 
 
 def expand_word(word: str, variables: Mapping[str, str], escape: str = "\\") -> str:
@@ -162,6 +165,8 @@ def parse_dockerfile(text: str, name: str, build_args: Mapping[str, str]) -> Bui
         parser.apply(command)
     if not parser.seen_from:
         raise DockerfileError(f"{name}: no FROM line (a wasm image starts with FROM scratch)")
+    if parser.recipe.shell_entrypoint:
+        parser.recipe.cmd = []
     return parser.recipe
 
 
@@ -297,6 +302,7 @@ class _RecipeBuilder:
                 raise self.fail(command, f"cannot split into words: {exc}") from None
         if command.cmd.upper() == "ENTRYPOINT":
             self.recipe.entrypoint = words
+            self.recipe.shell_entrypoint = not command.json
         else:
             self.recipe.cmd = words
 
