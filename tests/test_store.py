@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,32 @@ def test_reference_forms() -> None:
     assert (ref.registry, ref.repository, ref.tag) == ("127.0.0.1:5000", "team/app", "2")
     assert ref.familiar() == "127.0.0.1:5000/team/app:2"
     assert Reference.parse("ghcr.io/x/y").familiar() == "ghcr.io/x/y:latest"
+
+
+def test_writers_wait_for_another_process_holding_the_store_lock(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    digest = _put_image(store, _layer({"app.wasm": DEMO_WASM.read_bytes()}), ["/app.wasm"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "store" / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        tagger = threading.Thread(target=store.tag, args=("app:1", digest))
+        tagger.start()
+        tagger.join(0.5)
+        assert tagger.is_alive(), "tag went ahead while another process held the store lock"
+        assert store.images() == []
+    finally:
+        holder.kill()
+        holder.wait()
+    tagger.join(10)
+    assert [str(image.reference) for image in store.images()] == ["docker.io/library/app:1"]
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""

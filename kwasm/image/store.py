@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from kwasm.errors import (
     DigestMismatchError,
     ImageNotFoundError,
@@ -38,6 +36,7 @@ from kwasm.errors import (
     UnsafeArchiveError,
     UsageError,
 )
+from kwasm.image.locking import StoreLock
 from kwasm.image.reference import Reference
 
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -132,7 +131,7 @@ class ImageStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._lock = FileLock(str(self.root / ".lock"))
+        self._lock = StoreLock(self.root / ".lock")
         self._added: list[Path] | None = None
 
     @classmethod
