@@ -5,7 +5,13 @@ section), both built by ``kwasm build`` into the store and into an OCI layout th
 Every measurement starts from an empty registry storage (so nothing is skipped or cross-mounted)
 and, for pulls, an empty destination. Timed: the whole process, as a user runs it
 (``kwasm push``/``pull`` vs ``skopeo copy --preserve-digests``, so both move the same bytes);
-also shown: kwasm's in-process library time, without interpreter start-up.
+also shown: kwasm's in-process library time, without interpreter start-up, and the start-up floor
+(``python -c pass`` and ``kwasm --version`` with the same interpreter). One untimed warm-up round
+per image comes first (page cache, byte code).
+
+kwasm runs with byte-compiled modules, as an installed package has them: this sandbox sets
+PYTHONDONTWRITEBYTECODE, which would make every ``kwasm`` process compile its sources again, so the
+byte code is cached under the scratch directory (PYTHONPYCACHEPREFIX) instead.
 
 Usage: python benchmarks/push.py [--rounds 5]
 """
@@ -73,9 +79,15 @@ def _timed_call(call: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+def _kwasm_env(base: Path, kwasm_root: Path) -> dict[str, str]:
+    """The environment of timed kwasm processes: its store, and byte code cached under ``base``."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "KWASM_ROOT": str(kwasm_root), "PYTHONPYCACHEPREFIX": str(base / "pycache")}
+
+
 def _round(work: Path, kwasm_root: Path, layout: Path, tag: str) -> dict[str, float]:
     kwasm = _kwasm_command()
-    env = {**os.environ, "KWASM_ROOT": str(kwasm_root)}
+    env = _kwasm_env(work.parent, kwasm_root)
     results: dict[str, float] = {}
     with running_registry(work / "registry-cli") as registry:
         results["skopeo push"] = _timed(
@@ -105,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kwasm-bench-push-") as scratch:
         base = Path(scratch)
         kwasm_root = base / "root"
-        env = {**os.environ, "KWASM_ROOT": str(kwasm_root)}
+        env = _kwasm_env(base, kwasm_root)
         big = base / "big.wasm"
         _big_module(big)
         images = {"demo": DEMO_WASM, "20MiB": big}
@@ -118,10 +130,11 @@ def main() -> None:
         print(f"{'image':8} {'operation':26} {'kwasm':>8} {'skopeo':>8} {'ratio':>7}")
         for tag in images:
             samples: dict[str, list[float]] = {}
-            for number in range(args.rounds):
+            for number in range(-1, args.rounds):  # round -1: warm-up, not counted
                 work = base / f"{tag}-{number}"
                 for name, value in _round(work, kwasm_root, layouts[tag], tag).items():
-                    samples.setdefault(name, []).append(value)
+                    if number >= 0:
+                        samples.setdefault(name, []).append(value)
                 shutil.rmtree(work, ignore_errors=True)
             medians = {name: statistics.median(values) for name, values in samples.items()}
             for operation in ("push", "pull"):
@@ -129,9 +142,15 @@ def main() -> None:
                 for label, key in (("whole process", ""), ("in-process library", " (in-process)")):
                     ours = medians[f"kwasm {operation}{key}"]
                     print(f"{tag:8} {f'{operation} ({label})':26} {ours:8.3f} {peer:8.3f} {ours / peer:6.2f}x")
-        started = time.perf_counter()
-        subprocess.run([*_kwasm_command(), "--version"], check=True, capture_output=True)
-        print(f"kwasm --version (interpreter + CLI start-up alone): {time.perf_counter() - started:.3f} s")
+                overhead = medians[f"kwasm {operation}"] - medians[f"kwasm {operation} (in-process)"]
+                print(f"{tag:8} {f'{operation} (whole - in-process)':26} {overhead:8.3f}    (start-up and exit)")
+        floors = {
+            "python -c pass (interpreter start-up alone)": [sys.executable, "-c", "pass"],
+            "kwasm --version (interpreter + CLI start-up)": [*_kwasm_command(), "--version"],
+        }
+        for label, command in floors.items():
+            times = [_timed(command, env) for _ in range(max(args.rounds, 5) * 3)]
+            print(f"{label}: median {statistics.median(times):.3f} s, min {min(times):.3f} s")
 
 
 if __name__ == "__main__":

@@ -72,14 +72,16 @@ class TokenServer:
     """A loopback bearer-token server for the registry token protocol (the part Docker Hub/GHCR use).
 
     ``GET /token?service=...&scope=repository:NAME:pull,push`` with basic credentials of one of
-    ``users`` returns an RS256 JWT granting that scope; wrong credentials get 401. The signing key
-    and its self-signed certificate (the registry's ``rootcertbundle``) are made with openssl.
+    ``users`` returns an RS256 JWT granting that scope; wrong credentials get 401. Without
+    credentials, ``anonymous_pull`` grants the ``pull`` part of the scope (a public repository, as on
+    Docker Hub), else 401. The signing key and its self-signed certificate (the registry's
+    ``rootcertbundle``) are made with openssl.
     """
 
     SERVICE = "kwasm-test-registry"
     ISSUER = "kwasm-test-issuer"
 
-    def __init__(self, root: Path, users: dict[str, str]) -> None:
+    def __init__(self, root: Path, users: dict[str, str], anonymous_pull: bool = False) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.key = root / "key.pem"
         self.certificate = root / "cert.pem"
@@ -93,6 +95,7 @@ class TokenServer:
         ).stdout
         self._x5c = base64.b64encode(der).decode()
         self.users = users
+        self.anonymous_pull = anonymous_pull
         self.issued: list[str] = []  # scopes granted, in order
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -138,10 +141,14 @@ class TokenServer:
             def do_GET(self) -> None:
                 query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
                 user, _, password = _basic_credentials(self.headers.get("Authorization", ""))
-                if server.users.get(user) != password or not user:
+                scope = " ".join(query.get("scope", []))
+                if not user and server.anonymous_pull:
+                    kind, _, rest = scope.partition(":")
+                    name, _, actions = rest.rpartition(":")
+                    scope = f"{kind}:{name}:pull" if "pull" in actions.split(",") else ""
+                elif server.users.get(user) != password or not user:
                     self._answer(401, {"details": "bad credentials"})
                     return
-                scope = " ".join(query.get("scope", []))
                 self._answer(200, {"token": server.token(user, scope), "expires_in": 300})
 
             def _answer(self, status: int, body: dict[str, object]) -> None:
@@ -229,18 +236,24 @@ def _wait_http(host: str, process: subprocess.Popen[bytes], log: Path, tls: bool
 
 @contextlib.contextmanager
 def running_registry(
-    root: Path, users: dict[str, str] | None = None, *, token_auth: bool = False, tls: bool = False
+    root: Path,
+    users: dict[str, str] | None = None,
+    *,
+    token_auth: bool = False,
+    anonymous_pull: bool = False,
+    tls: bool = False,
 ) -> Iterator[RunningRegistry]:
     """Run ``docker-registry`` on a free 127.0.0.1 port.
 
     ``users`` turns on htpasswd basic auth; with ``token_auth=True`` the same users log in through
-    a bearer-token server instead (the Docker registry token protocol, RS256 JWTs). ``tls=True``
+    a bearer-token server instead (the Docker registry token protocol, RS256 JWTs), which with
+    ``anonymous_pull=True`` also lets anyone pull. ``tls=True``
     serves HTTPS with a self-signed certificate for 127.0.0.1.
     """
     root.mkdir(parents=True, exist_ok=True)
     if token_auth:
         with (
-            TokenServer(root / "token", dict(users or {})) as token,
+            TokenServer(root / "token", dict(users or {}), anonymous_pull) as token,
             _registry_process(root, None, token, users, tls) as registry,
         ):
             yield registry

@@ -154,6 +154,25 @@ def test_token_auth_login_push_and_pull(
     assert any(name == "demo" and "push" in actions.split(",") for _, name, actions in granted), granted
 
 
+def test_anonymous_pull_from_a_public_repository_with_token_auth(
+    tmp_path: Path, docker_config: Path, kwasm: KwasmRunner, kwasm_root: Path
+) -> None:
+    with running_registry(tmp_path / "public", {"alice": "wonderland"}, token_auth=True, anonymous_pull=True) as public:
+        digest = _build(kwasm_root, "demo:1")
+        refused = kwasm("push", "demo:1", f"{public.host}/demo:1")
+        _one_line_error(refused, 6, "requires authentication")
+        kwasm("login", public.host, "-u", "alice", "--password-stdin", input="wonderland\n", check=True)
+        kwasm("push", "demo:1", f"{public.host}/demo:1", check=True)
+        (docker_config / "config.json").unlink()  # logged out: pulls are anonymous
+
+        pulled = kwasm("pull", f"{public.host}/demo:1", "--json", env={"KWASM_ROOT": str(tmp_path / "anonymous")})
+
+        assert pulled.returncode == 0, pulled.stderr
+        assert json.loads(pulled.stdout)["digest"] == digest
+        assert public.token_server is not None
+        assert public.token_server.issued[-1] == "repository:demo:pull"
+
+
 def test_unreachable_registry_and_unknown_repository_fail_with_one_line(
     registry: RunningRegistry, kwasm: KwasmRunner, kwasm_root: Path
 ) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from kwasm.cli.output import console, info, print_json
+from kwasm.cli.output import info, print_json
 from kwasm.errors import UsageError
 from kwasm.image.reference import Reference
 
@@ -192,6 +192,8 @@ def images(json_output: JsonOutput = False) -> None:
     from rich.console import Console
     from rich.measure import Measurement
     from rich.table import Table
+
+    from kwasm.cli.output import console
 
     stored = _store().images()
     if json_output:

@@ -1,7 +1,7 @@
 """kwasm CLI command group: iSulad and crictl (``setup-isulad``, ``cri-config``, ``doctor``, ``k8s``).
 
-Library code lives in :mod:`kwasm.cri`; it is imported inside the commands so other commands
-start without it.
+Library code (and rich's tables) are imported inside the commands, so other commands start
+without them.
 """
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from kwasm.cli.output import console, err_console, info, print_json
+from kwasm.cli.output import info, print_json
 
 app = typer.Typer()
 k8s_app = typer.Typer(
@@ -38,6 +36,10 @@ _STATUS_STYLE = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold
 
 
 def _print_diff(lines: list[str]) -> None:
+    from rich.text import Text
+
+    from kwasm.cli.output import console
+
     styles = {"+": "green", "-": "red", "@": "cyan"}
     for line in lines:
         style = "bold" if line.startswith(("+++", "---")) else styles.get(line[:1], "")
@@ -103,8 +105,11 @@ def setup_isulad(
     )
     path = daemon_json_path(config)
     plan = plan_setup(path, settings)
-    for warning in plan.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+    if plan.warnings:
+        from kwasm.cli.output import err_console
+
+        for warning in plan.warnings:
+            err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     backup: Path | None = None
     if not plan.changed:
         info(f"{path} already routes handler {handler!r} to sandboxer {settings.sandboxer_name!r}; nothing changed")
@@ -172,7 +177,7 @@ def cri_config(
         print_json({"name": configs.name, "pod": str(pod_path), "container": str(container_path), "crictl": argv})
         return
     info(f"wrote {pod_path} and {container_path}")
-    console.print(shell_line(argv), soft_wrap=True)
+    print(shell_line(argv))
 
 
 @app.command()
@@ -199,6 +204,10 @@ def doctor(
     if as_json:
         print_json(doctor_json(checks))
     else:
+        from rich.table import Table
+
+        from kwasm.cli.output import console
+
         table = Table(title="kwasm doctor", show_lines=False)
         for column in ("check", "status", "detail", "fix"):
             table.add_column(column, overflow="fold")

@@ -1,14 +1,33 @@
-"""Shared output helpers for the CLI: rich consoles and ``--json`` rendering."""
+"""Shared output helpers for the CLI: rich consoles and ``--json`` rendering.
+
+``console`` (stdout) and ``err_console`` (stderr) are real ``rich.console.Console`` objects created
+on first use (the module's ``__getattr__``), so import them inside the code that prints with them:
+a command that prints plain lines or JSON then does not import rich at all (rich.console alone costs
+15-25 ms of start-up). Status lines (:func:`info`) are plain prints for the same reason.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+    console: Console
+    err_console: Console
+
+
+def __getattr__(name: str) -> Console:
+    """Create ``console`` or ``err_console`` at its first import (and keep it as a module global)."""
+    if name not in ("console", "err_console"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from rich.console import Console
+
+    created = Console(stderr=name == "err_console", highlight=False)
+    globals()[name] = created
+    return created
 
 
 def print_json(data: Any) -> None:
@@ -17,5 +36,5 @@ def print_json(data: Any) -> None:
 
 
 def info(message: str) -> None:
-    """Print a progress or status line on stderr (never wrapped mid-path), so stdout stays clean for data."""
-    err_console.print(message, soft_wrap=True)
+    """Print a status line on stderr as it is (no markup, never wrapped mid-path), so stdout stays clean for data."""
+    print(message, file=sys.stderr)

@@ -1,11 +1,12 @@
 """kwasm CLI command group: registry (``push``, ``pull``, ``login``).
 
-Registry libraries (and rich's progress bars) are imported inside the commands, so other commands
-start without them.
+The registry client is imported inside the commands, and rich only when stderr is a terminal (for
+the progress bars): a scripted push or pull loads neither rich nor anything the other commands need.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,13 +14,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kwasm.cli.output import console, err_console, print_json
+from kwasm.cli.output import print_json
 from kwasm.errors import UsageError
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from kwasm.image.registry import TransferResult
+    from kwasm.image.registry import TransferProgress, TransferResult
 
 app = typer.Typer()
 
@@ -61,13 +62,29 @@ class RichTransferProgress:
         self._progress.update(task, completed=self._progress.tasks[task].total)
 
 
+_TERMINAL_OVERRIDES = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_TERMINAL")
+
+
+def _stderr_may_be_terminal() -> bool:
+    """False when rich would certainly not draw on stderr: not a tty, and none of rich's overrides set."""
+    return sys.stderr.isatty() or any(name in os.environ for name in _TERMINAL_OVERRIDES)
+
+
 @contextmanager
-def transfer_progress() -> Iterator[RichTransferProgress]:
+def transfer_progress() -> Iterator[TransferProgress]:
     """Rich progress bars for blob transfers on stderr (``kwasm run`` uses this for its implicit pull).
 
-    Drawn only when stderr is a terminal, so scripts and logs get just the result or the error line.
+    Drawn only when stderr is a terminal, so scripts and logs get just the result or the error line
+    (and do not import rich).
     """
+    if not _stderr_may_be_terminal():
+        from kwasm.image.registry import NoProgress
+
+        yield NoProgress()
+        return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from kwasm.cli.output import err_console
 
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, console=err_console, transient=False, disable=not err_console.is_terminal) as progress:
@@ -85,8 +102,8 @@ def _report(result: TransferResult, verb: str, as_json: bool) -> None:
             }
         )
         return
-    console.print(f"{verb} {result.reference.familiar()}")
-    console.print(f"digest: {result.digest}")
+    print(f"{verb} {result.reference.familiar()}")
+    print(f"digest: {result.digest}")
 
 
 @app.command()
@@ -169,4 +186,4 @@ def login(
     if not password:
         raise UsageError("an empty password was given")
     path = login_registry(registry, Credentials(username, password), plain_http=plain_http, insecure=insecure)
-    console.print(f"Login succeeded: credentials for {registry} saved in {path}")
+    print(f"Login succeeded: credentials for {registry} saved in {path}")

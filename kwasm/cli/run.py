@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from kwasm.cli.output import err_console
 from kwasm.cli.state import data_root
 from kwasm.errors import ImageNotFoundError, NotFoundError, UsageError
 
@@ -195,6 +194,8 @@ def _run_local(
             guest.kill()
             guest.wait(5)
             return 130
+    from kwasm.cli.output import err_console
+
     if outcome.reason is ExitReason.TRAPPED:
         err_console.print(f"[bold red]error:[/] guest trapped: {outcome.message.splitlines()[0]}", soft_wrap=True)
     elif outcome.reason is ExitReason.TIMEOUT:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import platformdirs
-
 _root_override: Path | None = None
 
 
@@ -25,4 +23,6 @@ def data_root() -> Path:
         return Path(env)
     if os.geteuid() == 0:
         return Path("/var/lib/kwasm")
+    import platformdirs
+
     return Path(platformdirs.user_data_dir("kwasm"))

@@ -3,8 +3,8 @@
 The file is ``$DOCKER_CONFIG/config.json`` (``~/.docker/config.json`` when ``DOCKER_CONFIG`` is
 unset), the same one ``docker login`` writes: ``auths[<registry>].auth`` holds base64
 ``user:password``; ``credHelpers``/``credsStore`` name a ``docker-credential-<helper>`` program that
-stores the secret instead. oras-py only ever reads ``~/.docker/config.json``, so kwasm looks the
-credentials up here and hands them to the client itself.
+stores the secret instead. The registry client (:mod:`kwasm.image.registry_client`) gets the
+credentials from here and sends them only to the registry they belong to.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import docker
 import docker.errors
-import requests
 
 from kwasm.errors import ToolMissingError
 from kwasm.image.archive import write_archive
@@ -97,7 +96,7 @@ def load_into_docker(store: ImageStore, image: StoredImage) -> str:
         if exc.status_code is not None and exc.status_code < 500 and exc.status_code != 400:
             raise ToolMissingError(f"the Docker engine failed to load {_name(image)}: {_first_line(exc)}") from None
         raise _refusal(image, _first_line(exc)) from None
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+    except (docker.errors.DockerException, OSError) as exc:  # requests' errors are OSErrors
         raise _unreachable(exc) from None
     finally:
         client.close()

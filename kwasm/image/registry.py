@@ -64,7 +64,9 @@ class TransferProgress(Protocol):
         """The transfer of blob ``digest`` is complete."""
 
 
-class _NoProgress:
+class NoProgress:
+    """Transfer events ignored (the default, and the CLI's choice when stderr is not a terminal)."""
+
     def begin(self, digest: str, size: int, action: str) -> None:
         """Ignore the event."""
 
@@ -94,7 +96,11 @@ def connect(reference: Reference, *, plain_http: bool | None = None, insecure: b
         plain_http=plain_http,
         insecure=insecure,
     )
-    client.connect()
+    try:
+        client.connect()
+    except BaseException:
+        client.close()
+        raise
     return client
 
 
@@ -110,8 +116,8 @@ def login(
     registry = registry.removeprefix("https://").removeprefix("http://").rstrip("/")
     if not registry or "/" in registry:
         raise UsageError(f"give a registry host such as 127.0.0.1:5000, not {registry!r}")
-    client = RegistryClient(registry, credentials=credentials, plain_http=plain_http, insecure=insecure)
-    client.connect()
+    with RegistryClient(registry, credentials=credentials, plain_http=plain_http, insecure=insecure) as client:
+        client.connect()
     return store_credentials(registry, credentials, config_path)
 
 
@@ -144,23 +150,23 @@ def push(
         raise UsageError(f"{source} has no name to push to: give a destination like 127.0.0.1:5000/app:1")
     if target.digest is not None or target.tag is None:
         raise UsageError(f"push destination must be name:tag, not a digest: {destination}")
-    progress = progress or _NoProgress()
-    client = connect(target, plain_http=plain_http, insecure=insecure)
-    sent: list[str] = []
-    skipped: list[str] = []
-    for descriptor in [image.manifest["config"], *image.layers]:
-        digest, size = str(descriptor["digest"]), int(descriptor["size"])
-        if client.has_blob(digest):
-            progress.begin(digest, size, "exists")
-            skipped.append(digest)
-        else:
-            progress.begin(digest, size, "upload")
-            client.upload_blob(digest, size, store.blob_path(digest), _advancer(progress, digest))
-            sent.append(digest)
-        progress.finish(digest)
-    manifest_bytes = store.read_blob(image.manifest_digest)
-    media_type = str(image.manifest.get("mediaType") or MEDIA_OCI_MANIFEST)
-    client.put_manifest(target.tag, manifest_bytes, media_type)
+    progress = progress or NoProgress()
+    with connect(target, plain_http=plain_http, insecure=insecure) as client:
+        sent: list[str] = []
+        skipped: list[str] = []
+        for descriptor in [image.manifest["config"], *image.layers]:
+            digest, size = str(descriptor["digest"]), int(descriptor["size"])
+            if client.has_blob(digest):
+                progress.begin(digest, size, "exists")
+                skipped.append(digest)
+            else:
+                progress.begin(digest, size, "upload")
+                client.upload_blob(digest, size, store.blob_path(digest), _advancer(progress, digest))
+                sent.append(digest)
+            progress.finish(digest)
+        manifest_bytes = store.read_blob(image.manifest_digest)
+        media_type = str(image.manifest.get("mediaType") or MEDIA_OCI_MANIFEST)
+        client.put_manifest(target.tag, manifest_bytes, media_type)
     return TransferResult(target, image.manifest_digest, sent, skipped)
 
 
@@ -309,37 +315,37 @@ def pull(
     """Fetch ``ref`` into the store, verifying every digest and size; tag it unless pulled by digest only."""
     reference = Reference.parse(ref)
     name = reference.familiar()
-    progress = progress or _NoProgress()
-    client = connect(reference, plain_http=plain_http, insecure=insecure)
-    digest, body, manifest = _fetch_manifest(client, reference)
-    config_digest, config_size = _descriptor(manifest.get("config"), f"manifest of {name}")
-    if config_size > MAX_MANIFEST_BYTES:
-        raise InvalidImageError(f"{name}: config {config_digest} is larger than 4 MiB")
-    config_bytes = _verified(
-        b"".join(client.stream_blob(config_digest, config_size)), config_digest, config_size, f"config of {name}"
-    )
-    check_wasm_image(name, manifest, _parse_json(config_bytes, f"config of {name}"))
-    layers = [_descriptor(layer, f"manifest of {name}") for layer in manifest.get("layers") or []]
-    fetched: list[str] = []
-    skipped: list[str] = []
-    with store.ingest():
-        store.put_blob(config_bytes, config_digest)
-        for layer_digest, size in layers:
-            if store.has_blob(layer_digest):
-                progress.begin(layer_digest, size, "exists")
-                skipped.append(layer_digest)
-            else:
-                progress.begin(layer_digest, size, "download")
-                chunks = _counted(client.stream_blob(layer_digest, size), progress, layer_digest)
-                try:
-                    store.put_blob_stream(chunks, layer_digest, size)
-                except DigestMismatchError as exc:
-                    raise DigestMismatchError(f"layer of {name} from {reference.registry}: {exc}") from None
-                fetched.append(layer_digest)
-            progress.finish(layer_digest)
-        store.put_blob(body, digest)
-        if reference.tag is not None:
-            store.tag(reference.with_tag(reference.tag), digest)
+    progress = progress or NoProgress()
+    with connect(reference, plain_http=plain_http, insecure=insecure) as client:
+        digest, body, manifest = _fetch_manifest(client, reference)
+        config_digest, config_size = _descriptor(manifest.get("config"), f"manifest of {name}")
+        if config_size > MAX_MANIFEST_BYTES:
+            raise InvalidImageError(f"{name}: config {config_digest} is larger than 4 MiB")
+        config_bytes = _verified(
+            b"".join(client.stream_blob(config_digest, config_size)), config_digest, config_size, f"config of {name}"
+        )
+        check_wasm_image(name, manifest, _parse_json(config_bytes, f"config of {name}"))
+        layers = [_descriptor(layer, f"manifest of {name}") for layer in manifest.get("layers") or []]
+        fetched: list[str] = []
+        skipped: list[str] = []
+        with store.ingest():
+            store.put_blob(config_bytes, config_digest)
+            for layer_digest, size in layers:
+                if store.has_blob(layer_digest):
+                    progress.begin(layer_digest, size, "exists")
+                    skipped.append(layer_digest)
+                else:
+                    progress.begin(layer_digest, size, "download")
+                    chunks = _counted(client.stream_blob(layer_digest, size), progress, layer_digest)
+                    try:
+                        store.put_blob_stream(chunks, layer_digest, size)
+                    except DigestMismatchError as exc:
+                        raise DigestMismatchError(f"layer of {name} from {reference.registry}: {exc}") from None
+                    fetched.append(layer_digest)
+                progress.finish(layer_digest)
+            store.put_blob(body, digest)
+            if reference.tag is not None:
+                store.tag(reference.with_tag(reference.tag), digest)
     return TransferResult(reference, digest, fetched, skipped)
 
 

@@ -1,32 +1,31 @@
-"""Talking to one OCI registry: oras-py's ``Registry`` with kwasm's transport rules.
+"""Talking to one OCI registry: the distribution API calls kwasm uses, with kwasm's transport rules.
 
-oras-py provides the client (its ``requests`` session, TLS settings) and the basic and bearer-token
-auth backends (token service negotiation from ``Www-Authenticate``). kwasm adds what a CLI needs:
+The client speaks HTTP through :mod:`kwasm.image.httpclient` (on the standard library's ``socket``,
+one keep-alive connection per host) rather than a third-party SDK, because every
+``kwasm push``/``pull`` is a new process and importing oras-py with requests and jsonschema cost
+more start-up time than the transfer itself. What it does:
 
 * plain HTTP automatically for loopback registries, ``insecure`` to skip TLS verification;
-* the auth scheme picked from the registry's challenge (``Basic`` → basic, ``Bearer`` → token),
-  with credentials from the Docker config (oras-py would read only ``~/.docker/config.json``);
-* no silent retries with growing sleeps (oras-py retries any exception five times, 3 s to 84 s
-  apart, which turns "registry unreachable" into minutes of silence) and timeouts on every request;
+* the auth scheme picked from the registry's challenge: ``Basic`` → the stored credentials,
+  ``Bearer`` → a token from the ``realm`` of the challenge for its ``service`` and ``scope``
+  (with the credentials as basic auth, or anonymously), fetched again for each new scope;
+* credentials from the Docker config (:mod:`kwasm.image.auth`), sent only to the registry's host;
+* HTTP proxies from the environment (:mod:`kwasm.image.proxy`);
+* no silent retries and timeouts on every request;
 * every failure becomes one :class:`~kwasm.errors.RegistryError` line.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import ipaddress
 import json
-import logging
+import re
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
 
-import oras.auth
-import oras.provider
-import oras.utils
-import requests
-
+from kwasm import __version__
 from kwasm.errors import (
     DigestMismatchError,
     ImageNotFoundError,
@@ -35,6 +34,8 @@ from kwasm.errors import (
     RegistryUnreachableError,
 )
 from kwasm.image.auth import Credentials
+from kwasm.image.httpclient import BLOCK_BYTES, Body, FileBody, Response, Session
+from kwasm.image.proxy import is_loopback
 
 MANIFEST_ACCEPT = ", ".join(
     [
@@ -45,95 +46,28 @@ MANIFEST_ACCEPT = ", ".join(
     ]
 )
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-CHUNK_BYTES = 1024 * 1024
-TIMEOUT = (10.0, 120.0)  # connect, read (seconds)
+MAX_TOKEN_BYTES = 1024 * 1024
 _API_HOSTS = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
-
-# oras-py logs auth hiccups through stdlib logging, which would print them next to kwasm's own one-line
-# errors; kwasm reports every failure itself.
-logging.getLogger("oras.logger").addHandler(logging.NullHandler())
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (``name[:port]``) is this machine: localhost, 127.0.0.0/8 or ::1."""
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    name = name.strip("[]")
-    if name == "localhost":
-        return True
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """The scheme (lower case) and parameters of a ``WWW-Authenticate`` header.
+
+    ``Bearer realm="https://auth.example/token",service="registry",scope="repository:app:pull"``
+    gives ``("bearer", {"realm": ..., "service": ..., "scope": ...})``.
+    """
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        match[1].lower(): match[2].replace('\\"', '"') if match[3] is None else match[3]
+        for match in _CHALLENGE_PARAM.finditer(rest)
+    }
+    return scheme.lower(), params
+
+
+def _error_detail(body: bytes) -> str:
     try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-class _OrasRegistry(oras.provider.Registry):  # type: ignore[misc]
-    """oras-py's client with timeouts, preemptive auth and no retry loop."""
-
-    def do_request(
-        self,
-        url: str,
-        method: str = "GET",
-        data: Any = None,
-        headers: dict[str, str] | None = None,
-        json: dict[str, Any] | None = None,
-        stream: bool = False,
-    ) -> requests.Response:
-        """Send one request; answer one authentication challenge; map transport failures."""
-        headers = dict(headers or {})
-        headers.update(self._auth_header())
-        response = self._send(method, url, data, headers, json, stream)
-        challenge = response.headers.get("Www-Authenticate", "")
-        if response.status_code != 401 or not challenge.lower().startswith("bearer"):
-            return response  # basic credentials, if any, were sent already
-        if not isinstance(self.auth, oras.auth.TokenAuth):
-            return response
-        self.auth.token = None  # a token for another scope: fetch one for this challenge
-        try:
-            retry_headers, changed = self.auth.authenticate_request(response, dict(headers))
-        except requests.exceptions.RequestException as exc:
-            raise RegistryAuthError(f"cannot get a token from the auth server of {url}: {exc}") from exc
-        if not changed:
-            return response
-        if hasattr(data, "seek"):
-            data.seek(0)
-        return self._send(method, url, data, retry_headers, json, stream)
-
-    def _auth_header(self) -> dict[str, str]:
-        if isinstance(self.auth, oras.auth.BasicAuth) and getattr(self.auth, "_basic_auth", None):
-            return dict(self.auth.get_auth_header())
-        if isinstance(self.auth, oras.auth.TokenAuth) and self.auth.token:
-            return dict(self.auth.get_auth_header())
-        return {}
-
-    def _send(
-        self, method: str, url: str, data: Any, headers: dict[str, str], body: Any, stream: bool
-    ) -> requests.Response:
-        host = url.split("://", 1)[-1].split("/", 1)[0]
-        try:
-            response: requests.Response = self.session.request(
-                method, url, data=data, json=body, headers=headers, stream=stream,
-                verify=self._tls_verify, timeout=TIMEOUT,
-            )  # fmt: skip
-            return response
-        except requests.exceptions.SSLError as exc:
-            hint = (
-                "use --plain-http for an HTTP registry"
-                if "WRONG_VERSION" in str(exc)
-                else ("use --insecure for a self-signed certificate")
-            )
-            raise RegistryUnreachableError(f"TLS handshake with registry {host} failed ({hint})") from exc
-        except requests.exceptions.Timeout as exc:
-            raise RegistryUnreachableError(f"registry {host} did not answer within {TIMEOUT[0]:.0f} s") from exc
-        except requests.exceptions.ConnectionError as exc:
-            reason = "connection refused" if "refused" in str(exc).lower() else "cannot connect"
-            raise RegistryUnreachableError(f"cannot reach registry {host}: {reason}") from exc
-        except requests.exceptions.RequestException as exc:
-            raise RegistryError(f"request to registry {host} failed: {exc}") from exc
-
-
-def _error_detail(response: requests.Response) -> str:
-    try:
-        errors = response.json().get("errors") or []
+        errors = json.loads(body).get("errors") or []
         return "; ".join(str(e.get("message") or e.get("code")) for e in errors if isinstance(e, dict))
     except (ValueError, AttributeError):
         return ""
@@ -155,45 +89,106 @@ class RegistryClient:
         self.repository = repository
         self.credentials = credentials
         http = (is_loopback(registry) and not insecure) if plain_http is None else plain_http
-        api_host = _API_HOSTS.get(registry, registry)
-        self._client = _OrasRegistry(hostname=api_host, insecure=http, tls_verify=not insecure)
-        self._prefix = "http" if http else "https"
-        self._base = f"{self._prefix}://{api_host}/v2/"
+        self._api_host = _API_HOSTS.get(registry, registry)
+        self._session = Session(verify=not insecure, user_agent=f"kwasm/{__version__}")
+        self._base = f"{'http' if http else 'https'}://{self._api_host}/v2/"
         self._repo_url = f"{self._base}{repository}/"
+        self._basic = False  # the registry asked for basic auth: send the credentials with every request
+        self._token: str | None = None  # the bearer token of the last scope the registry asked for
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        self._session.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------- transport + auth
+
+    def _authorization(self) -> dict[str, str]:
+        if self._token is not None:
+            return {"Authorization": f"Bearer {self._token}"}
+        if self._basic and self.credentials is not None:
+            return {"Authorization": f"Basic {self._basic_token()}"}
+        return {}
+
+    def _basic_token(self) -> str:
+        assert self.credentials is not None
+        pair = f"{self.credentials.username}:{self.credentials.password}"
+        return base64.b64encode(pair.encode()).decode()
+
+    def _request(self, method: str, url: str, headers: dict[str, str] | None = None, body: Body = None) -> Response:
+        """Send one request; answer one authentication challenge (basic or bearer) and send it again."""
+        to_registry = urllib.parse.urlsplit(url).netloc == self._api_host
+        headers = headers or {}
+        auth = self._authorization() if to_registry else {}
+        response = self._session.request(method, url, {**headers, **auth}, body)
+        if response.status != 401 or not to_registry:
+            return response
+        scheme, params = parse_challenge(response.header("WWW-Authenticate"))
+        if scheme == "bearer":
+            response.close()  # frees the connection (the token service may live on the same host)
+            token = self._fetch_token(params)
+            if token is None:
+                return response  # the 401 (its body is not needed: the error line says what to do)
+            self._token = token
+        elif scheme == "basic" and self.credentials is not None and not self._basic:
+            self._basic = True
+            response.close()
+        else:
+            return response
+        return self._session.request(method, url, {**headers, **self._authorization()}, body)
+
+    def _fetch_token(self, challenge: dict[str, str]) -> str | None:
+        """A bearer token from the challenge's realm (with the credentials, if any), or None if refused."""
+        realm = challenge.get("realm")
+        if not realm:
+            return None
+        if "://" not in realm:
+            realm = f"{self._base.split('://', 1)[0]}://{realm}"
+        query = urllib.parse.urlencode({key: challenge[key] for key in ("service", "scope") if challenge.get(key)})
+        url = f"{realm}{'&' if '?' in realm else '?'}{query}" if query else realm
+        headers = {"Accept": "application/json"}
+        if self.credentials is not None:
+            headers["Authorization"] = f"Basic {self._basic_token()}"
+        try:
+            with self._session.request("GET", url, headers) as response:
+                if response.status != 200:
+                    return None
+                answer = json.loads(response.read(MAX_TOKEN_BYTES))
+        except RegistryError as exc:
+            raise RegistryAuthError(f"cannot get a token from the auth server {realm}: {exc}") from exc
+        except ValueError as exc:
+            raise RegistryAuthError(f"the auth server {realm} answered with something other than JSON") from exc
+        token = (answer.get("token") or answer.get("access_token")) if isinstance(answer, dict) else None
+        return str(token) if token else None
 
     # ----------------------------------------------------------- connection
 
     def connect(self) -> None:
-        """Ping ``/v2/``, choose basic or token auth from the challenge, and check the credentials."""
-        url = self._base
-        response = self._client.do_request(url, "GET")
-        challenge = response.headers.get("Www-Authenticate", "")
-        if response.status_code == 401 and challenge.lower().startswith("basic"):
-            backend = oras.auth.get_auth_backend(
-                "basic", self._client.session, self._prefix == "http", tls_verify=self._client._tls_verify
-            )
-            self._client.auth = backend
-        if self.credentials is not None:
-            self._client.auth.set_basic_auth(self.credentials.username, self.credentials.password)
-        if response.status_code == 401:
-            if self.credentials is not None:
-                response = self._client.do_request(url, "GET")
-                self._check(response, "log in to")
-            elif isinstance(self._client.auth, oras.auth.BasicAuth):
-                self._check(response, "log in to")
-        elif response.status_code == 400 and "HTTPS" in response.text:
-            raise RegistryUnreachableError(
-                f"registry {self.registry} speaks HTTPS: use --https (and --insecure for a self-signed certificate)"
-            )
-        else:
-            self._check(response, "reach")
+        """Ping ``/v2/``, learn the auth scheme from the challenge, and check the credentials."""
+        with self._request("GET", self._base) as response:
+            if response.status == 401:
+                scheme, _ = parse_challenge(response.header("WWW-Authenticate"))
+                if self.credentials is not None or scheme == "basic":
+                    self._check(response, "log in to")
+                # bearer without credentials: repositories may still grant anonymous tokens
+            elif response.status == 400 and b"HTTPS" in response.read():
+                raise RegistryUnreachableError(
+                    f"registry {self.registry} speaks HTTPS: use --https (and --insecure for a self-signed certificate)"
+                )
+            else:
+                self._check(response, "reach")
 
-    def _check(self, response: requests.Response, action: str, subject: str = "") -> None:
-        status = response.status_code
+    def _check(self, response: Response, action: str, subject: str = "") -> None:
+        status = response.status
         if status < 300:
             return
         where = subject or self.registry
-        detail = _error_detail(response)
+        detail = _error_detail(response.read())
         if status == 401:
             if self.credentials is None:
                 raise RegistryAuthError(
@@ -216,23 +211,22 @@ class RegistryClient:
     def get_manifest(self, reference: str) -> tuple[bytes, str]:
         """The raw bytes and media type of manifest ``reference`` (a tag or digest)."""
         url = f"{self._repo_url}manifests/{reference}"
-        response = self._client.do_request(url, "GET", headers={"Accept": MANIFEST_ACCEPT}, stream=True)
-        with response:
+        with self._request("GET", url, {"Accept": MANIFEST_ACCEPT}) as response:
             self._check(response, "pull", f"{self.repository}:{reference}".replace(":sha256:", "@sha256:"))
             received = bytearray()
-            for chunk in response.iter_content(CHUNK_BYTES):
+            for chunk in response.chunks():
                 received += chunk
                 if len(received) > MAX_MANIFEST_BYTES:
                     raise RegistryError(f"manifest {reference} from {self.registry} is larger than 4 MiB")
         body = bytes(received)
-        announced = response.headers.get("Docker-Content-Digest")
+        announced = response.header("Docker-Content-Digest")
         actual = "sha256:" + hashlib.sha256(body).hexdigest()
-        if announced and announced.startswith("sha256:") and announced != actual:
+        if announced.startswith("sha256:") and announced != actual:
             raise DigestMismatchError(
                 f"manifest {reference} from {self.registry} does not match the digest the registry announced "
                 f"({announced}, content is {actual})"
             )
-        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        media_type = response.header("Content-Type").split(";")[0].strip()
         try:
             media_type = str(json.loads(body).get("mediaType") or media_type)
         except (ValueError, AttributeError) as exc:
@@ -242,9 +236,9 @@ class RegistryClient:
     def put_manifest(self, reference: str, data: bytes, media_type: str) -> None:
         """Upload manifest bytes as-is under ``reference`` (a tag or digest); the registry must keep them."""
         url = f"{self._repo_url}manifests/{reference}"
-        response = self._client.do_request(url, "PUT", data=data, headers={"Content-Type": media_type})
-        self._check(response, "push", f"{self.repository}:{reference}")
-        stored = response.headers.get("Docker-Content-Digest")
+        with self._request("PUT", url, {"Content-Type": media_type}, data) as response:
+            self._check(response, "push", f"{self.repository}:{reference}")
+        stored = response.header("Docker-Content-Digest")
         expected = "sha256:" + hashlib.sha256(data).hexdigest()
         if stored and stored != expected:
             raise DigestMismatchError(f"registry {self.registry} stored the manifest as {stored}, not {expected}")
@@ -253,66 +247,39 @@ class RegistryClient:
 
     def has_blob(self, digest: str) -> bool:
         """Whether the repository already holds blob ``digest``."""
-        url = f"{self._repo_url}blobs/{digest}"
-        response = self._client.do_request(url, "HEAD")
-        if response.status_code == 404:
-            return False
-        self._check(response, "check", f"blob {digest}")
+        with self._request("HEAD", f"{self._repo_url}blobs/{digest}") as response:
+            if response.status == 404:
+                return False
+            self._check(response, "check", f"blob {digest}")
         return True
 
     def stream_blob(self, digest: str, limit: int) -> Iterator[bytes]:
         """The bytes of blob ``digest`` in chunks; stops with an error past ``limit`` bytes."""
-        url = f"{self._repo_url}blobs/{digest}"
-        response = self._client.do_request(url, "GET", stream=True)
-        with response:
+        with self._request("GET", f"{self._repo_url}blobs/{digest}") as response:
             self._check(response, "download", f"blob {digest}")
             received = 0
             try:
-                for chunk in response.iter_content(CHUNK_BYTES):
+                for chunk in response.chunks(BLOCK_BYTES):
                     received += len(chunk)
                     if received > limit:
                         raise DigestMismatchError(
                             f"blob {digest} from {self.registry} is larger than the {limit} bytes its descriptor says"
                         )
                     yield chunk
-            except requests.exceptions.RequestException as exc:
+            except RegistryUnreachableError as exc:
                 raise RegistryUnreachableError(f"download of blob {digest} from {self.registry} broke off") from exc
 
     def upload_blob(self, digest: str, size: int, path: Path, advance: Callable[[int], None]) -> None:
         """Upload the file ``path`` as blob ``digest`` (monolithic POST + PUT), reporting bytes sent."""
         url = f"{self._repo_url}blobs/uploads/"
-        started = self._client.do_request(url, "POST", headers={"Content-Length": "0"})
-        self._check(started, "push", f"blob {digest}")
-        location = started.headers.get("Location")
+        with self._request("POST", url) as started:
+            self._check(started, "push", f"blob {digest}")
+        location = started.header("Location")
         if not location:
             raise RegistryError(f"registry {self.registry} started an upload without a Location header")
-        target = oras.utils.append_url_params(urllib.parse.urljoin(url, location), {"digest": digest})
-        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
-        with path.open("rb") as handle:
-            body = _ProgressReader(handle, advance)
-            response = self._client.do_request(target, "PUT", data=body, headers=headers)
-        self._check(response, "push", f"blob {digest}")
+        target = urllib.parse.urljoin(url, location)
+        target += ("&" if urllib.parse.urlsplit(target).query else "?") + urllib.parse.urlencode({"digest": digest})
+        headers = {"Content-Type": "application/octet-stream"}
+        with path.open("rb") as handle, self._request("PUT", target, headers, FileBody(handle, size, advance)) as done:
+            self._check(done, "push", f"blob {digest}")
 
-
-class _ProgressReader:
-    """A file wrapper that reports how many bytes ``requests`` has read from it."""
-
-    def __init__(self, handle: BinaryIO, advance: Callable[[int], None]) -> None:
-        self._handle = handle
-        self._advance = advance
-
-    def read(self, size: int = -1) -> bytes:
-        """Read like the file and report the bytes read."""
-        data = self._handle.read(size)
-        self._advance(len(data))
-        return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        """Rewind for a retried request."""
-        return self._handle.seek(offset, whence)
-
-    def __len__(self) -> int:
-        position = self._handle.tell()
-        end = self._handle.seek(0, 2)
-        self._handle.seek(position)
-        return end - position
