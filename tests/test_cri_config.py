@@ -105,9 +105,9 @@ def test_unknown_image_and_bad_env_write_nothing(kwasm: KwasmRunner, kwasm_root:
     missing = kwasm("cri-config", "nope:1", "-o", str(tmp_path / "x"))
     assert missing.returncode == 3
     assert "nope" in missing.stderr
-    bad_env = kwasm("cri-config", "wasi-demo-app", "-o", str(tmp_path / "y"), "-e", "NOEQUALS")
+    bad_env = kwasm("cri-config", "wasi-demo-app", "-o", str(tmp_path / "y"), "-e", "=value")
     assert bad_env.returncode == 2
-    assert "expected KEY=VALUE" in bad_env.stderr
+    assert "-e takes KEY=VALUE, not '=value'" in bad_env.stderr
     bad_name = kwasm("cri-config", "wasi-demo-app", "-o", str(tmp_path / "z"), "--name", "Bad_Name")
     assert bad_name.returncode == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
@@ -133,3 +133,18 @@ def test_k8s_runtimeclass_manifest(kwasm: KwasmRunner) -> None:
     assert '      args: ["sleep", "5"]\n' in pod
     bad = kwasm("k8s", "runtimeclass", "--handler", "Wasm_1")
     assert bad.returncode == 2
+
+
+def test_a_bare_env_name_copies_the_callers_value_as_docker_does(
+    kwasm: KwasmRunner, kwasm_root: Path, tmp_path: Path
+) -> None:
+    store_demo_image(kwasm_root)
+    out = tmp_path / "cfg"
+    result = kwasm(
+        "cri-config", "wasi-demo-app", "-o", str(out), "-e", "FROM_CALLER", "-e", "NOT_SET_ANYWHERE", "-e", "A=1",
+        env={"FROM_CALLER": "copied"},
+    )
+    assert result.returncode == 0, result.stderr
+    container = _parse(out / "container.json", cri_pb2.ContainerConfig)
+    assert isinstance(container, cri_pb2.ContainerConfig)
+    assert [(kv.key, kv.value) for kv in container.envs] == [("FROM_CALLER", "copied"), ("A", "1")]

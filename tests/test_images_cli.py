@@ -208,3 +208,24 @@ def test_build_load_docker_and_load_into_docker(kwasm: KwasmRunner, dockerd: Run
     assert "--platform linux/amd64" in " ".join(refused.stderr.split()) and "Traceback" not in refused.stderr
     misuse = kwasm("load", "--into", "docker", "-i", "x.tar", env=env)
     assert misuse.returncode == 2 and "docker load -i" in misuse.stderr
+
+
+def test_build_arg_takes_a_value_or_copies_it_from_the_callers_environment(
+    kwasm: KwasmRunner, tmp_path: Path
+) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    shutil.copy(DEMO_WASM, context / "app.wasm")
+    (context / "Dockerfile").write_text(
+        "FROM scratch\nARG MODE\nARG REGION\nARG UNSET=default\n"
+        'ENV MODE=$MODE REGION=$REGION UNSET=$UNSET\nADD app.wasm /\nENTRYPOINT ["/app.wasm"]\n'
+    )
+    kwasm(
+        "build", str(context), "-t", "args:1", "--build-arg", "MODE=fast", "--build-arg", "REGION",
+        "--build-arg", "UNSET", env={"REGION": "eu-west"}, check=True,
+    )
+    (details,) = json.loads(kwasm("inspect", "args:1", check=True).stdout)
+    assert details["env"] == ["MODE=fast", "REGION=eu-west", "UNSET=default"]
+    refused = kwasm("build", str(context), "-t", "args:2", "--build-arg", "=x")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "error: --build-arg takes KEY=VALUE, not '=x'"

@@ -17,6 +17,7 @@ import typer
 from kwasm.cli.output import info, print_json
 from kwasm.errors import UsageError
 from kwasm.image.reference import Reference
+from kwasm.keyvalue import parse_pairs
 
 if TYPE_CHECKING:
     from kwasm.image.store import ImageStore, StoredImage
@@ -51,16 +52,6 @@ def _default_reference(source: Path) -> Reference:
     stem = source.resolve().name if source.is_dir() else source.stem
     name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("._-") or "image"
     return Reference.parse(name)
-
-
-def _build_args(values: list[str]) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        key, equals, setting = value.partition("=")
-        if not equals or not key:
-            raise UsageError(f"--build-arg takes KEY=VALUE, not {value!r}")
-        pairs[key] = setting
-    return pairs
 
 
 def _store() -> ImageStore:
@@ -110,7 +101,8 @@ def build(
     ] = None,
     oci_dir: Annotated[Path | None, typer.Option("--oci-dir", help="Also write an OCI layout directory.")] = None,
     build_arg: Annotated[
-        list[str] | None, typer.Option("--build-arg", help="Set a Dockerfile ARG: KEY=VALUE (repeatable).")
+        list[str] | None,
+        typer.Option("--build-arg", help="Set a Dockerfile ARG: KEY=VALUE, or KEY to copy it from your environment."),
     ] = None,
     load_into: Annotated[
         LoadTarget | None, typer.Option("--load", help="Also load the image into: docker (the engine at $DOCKER_HOST).")
@@ -150,7 +142,7 @@ def build(
             references,
             platform=platform,
             artifact=artifact,
-            build_args=_build_args(build_arg or []),
+            build_args=parse_pairs(build_arg or [], "--build-arg"),
             epoch=epoch,
         )
     kind = ", artifact" if artifact else ""

@@ -150,7 +150,9 @@ def cri_config(
     ),
     name: Annotated[str | None, typer.Option("--name", help="Pod and container name (default: unique).")] = None,
     handler: Handler = "wasm",
-    env: Annotated[list[str] | None, typer.Option("-e", "--env", help="Environment variable KEY=VALUE.")] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("-e", "--env", help="Environment variable KEY=VALUE (a bare KEY copies yours).")
+    ] = None,
     as_json: JsonOutput = False,
 ) -> None:
     """Write pod.json and container.json for crictl (CRI runtime.v1) and print the crictl line.
@@ -161,11 +163,12 @@ def cri_config(
 
     Example: kwasm cri-config wasi-demo-app:latest -o /tmp/demo -- echo hello
     """
-    from kwasm.cri.crictl_config import build_configs, crictl_run_argv, parse_env, shell_line, write_configs
+    from kwasm.cri.crictl_config import build_configs, crictl_run_argv, shell_line, write_configs
     from kwasm.image.store import ImageStore
+    from kwasm.keyvalue import parse_pairs
 
     stored = ImageStore.default().resolve(image)
-    configs = build_configs(stored, image, list(args or []), parse_env(list(env or [])), name)
+    configs = build_configs(stored, image, list(args or []), parse_pairs(env or [], "-e"), name)
     pod_path, container_path = write_configs(configs, out_dir)
     argv = crictl_run_argv(handler, container_path, pod_path)
     log_dir = configs.log_file.parent

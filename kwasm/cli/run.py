@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import typer
 
 from kwasm.cli.state import data_root
 from kwasm.errors import ImageNotFoundError, NotFoundError, UsageError
+from kwasm.keyvalue import parse_pairs
 
 app = typer.Typer()
 
@@ -33,21 +33,6 @@ def parse_duration(text: str) -> float:
     if not match or float(match.group(1)) <= 0:
         raise UsageError(f"--timeout takes a duration like 10s, 500ms or 2m, not {text!r}")
     return float(match.group(1)) * _TIME_UNITS[match.group(2) or ""]
-
-
-def parse_env(values: list[str]) -> dict[str, str]:
-    """``K=V`` pairs (a bare ``K`` takes the value from kwasm's own environment)."""
-    env = {}
-    for value in values:
-        key, equals, setting = value.partition("=")
-        if not key:
-            raise UsageError(f"-e takes KEY=VALUE, not {value!r}")
-        if not equals:
-            if key not in os.environ:
-                continue
-            setting = os.environ[key]
-        env[key] = setting
-    return env
 
 
 @dataclass
@@ -118,7 +103,9 @@ def run(
     args: Annotated[
         list[str] | None, typer.Argument(help="Arguments (after --); they replace the image's cmd.")
     ] = None,
-    env: Annotated[list[str] | None, typer.Option("-e", "--env", help="Set K=V in the guest's environment.")] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("-e", "--env", help="Set K=V in the guest's env (a bare K copies yours).")
+    ] = None,
     volume: Annotated[
         list[str] | None, typer.Option("-v", "--volume", help="Give the guest HOST dir as GUEST[:ro].")
     ] = None,
@@ -142,7 +129,7 @@ def run(
       kwasm run 127.0.0.1:5000/team/app:1 -- serve   (pulls the image first)
     """
     arguments = list(args or [])
-    environment = parse_env(list(env or []))
+    environment = parse_pairs(env or [], "-e")
     if engine == "isulad":
         if volume or memory or timeout:
             raise UsageError("-v, --memory and --timeout are not supported with --engine isulad")

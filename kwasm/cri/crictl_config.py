@@ -34,17 +34,6 @@ CONTAINER_FILE = "container.json"
 _NAME_OK = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
-def parse_env(pairs: list[str]) -> dict[str, str]:
-    """``["K=V", ...]`` from ``-e`` options as a dict; UsageError for an entry without ``=`` or name."""
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"-e {pair!r}: expected KEY=VALUE")
-        env[key] = value
-    return env
-
-
 def pod_log_root() -> Path:
     """Where pod log directories go: ``$KWASM_POD_LOG_ROOT`` or /var/log/pods (kubelet's place)."""
     env = os.environ.get(POD_LOG_ROOT_ENV)
