@@ -229,3 +229,28 @@ def test_build_arg_takes_a_value_or_copies_it_from_the_callers_environment(
     refused = kwasm("build", str(context), "-t", "args:2", "--build-arg", "=x")
     assert refused.returncode == 2
     assert refused.stderr.strip() == "error: --build-arg takes KEY=VALUE, not '=x'"
+
+
+def test_a_corrupt_image_is_reported_not_fatal_and_can_be_removed(
+    cli: KwasmRunner, kwasm_root: Path, tmp_path: Path
+) -> None:
+    cli("build", str(DEMO_DIR), "-t", "good:1", check=True)
+    other = tmp_path / "other.wasm"  # another entrypoint name, so the two images share no config
+    shutil.copy(DEMO_WASM, other)
+    built = json.loads(cli("build", "--wasm", str(other), "-t", "bad:1", "--json", check=True).stdout)
+    bad_config = kwasm_root / "blobs" / "sha256" / built["config_digest"].removeprefix("sha256:")
+    bad_config.write_bytes(b"{not json")
+
+    listed = cli("images", "--json", check=True)
+    assert [image["reference"] for image in json.loads(listed.stdout)] == ["good:1"]
+    assert listed.stderr.strip() == (
+        f"warning: bad:1 cannot be read: stored blob {built['config_digest']} is corrupt (content does not match"
+        " its digest) (remove it with: kwasm rmi bad:1)"
+    )
+
+    removed = cli("rmi", "bad:1", check=True)
+    assert removed.stderr.strip() == "Untagged: bad:1"
+    after = cli("images", "--json", check=True)
+    assert [image["reference"] for image in json.loads(after.stdout)] == ["good:1"] and after.stderr == ""
+    assert not bad_config.exists(), "the broken image's blobs are collected once nothing names it"
+    assert cli("run", "good:1", "--", "echo", "still here").returncode == 0

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from kwasm.cli.output import info, print_json
-from kwasm.errors import UsageError
+from kwasm.cli.output import info, print_json, warn
+from kwasm.errors import InvalidImageError, UsageError
 from kwasm.image.reference import Reference
 from kwasm.keyvalue import parse_pairs
 
@@ -187,7 +187,9 @@ def images(json_output: JsonOutput = False) -> None:
 
     from kwasm.cli.output import console
 
-    stored = _store().images()
+    stored, broken = _store().scan()
+    for name, reason in broken.items():
+        warn(f"{name} cannot be read: {reason} (remove it with: kwasm rmi {name})")
     if json_output:
         print_json([_image_json(image) for image in stored])
         return
@@ -273,7 +275,12 @@ def rmi(
     """
     store = _store()
     for ref in refs:
-        image = store.resolve(ref)
+        try:
+            image = store.resolve(ref)
+        except InvalidImageError:
+            store.untag(ref)  # a tag whose image cannot be read can still be removed by its name
+            info(f"Untagged: {Reference.parse(ref).familiar()}")
+            continue
         if image.reference is not None and _names_image(ref, image.reference):
             names = [image.reference]
         else:

@@ -38,3 +38,8 @@ def print_json(data: Any) -> None:
 def info(message: str) -> None:
     """Print a status line on stderr as it is (no markup, never wrapped mid-path), so stdout stays clean for data."""
     print(message, file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` on stderr (the command goes on)."""
+    print(f"warning: {message}", file=sys.stderr)

@@ -265,9 +265,20 @@ class ImageStore:
         return self._image(digest, reference)
 
     def images(self) -> list[StoredImage]:
-        """Every tagged image, sorted by reference."""
-        refs = self._read_refs()
-        return [self._image(digest, Reference.parse(name)) for name, digest in sorted(refs.items())]
+        """Every tagged image that can be read, sorted by reference (see :meth:`scan`)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[StoredImage], dict[str, str]]:
+        """Readable tagged images, and the tags whose image cannot be read mapped to why."""
+        images: list[StoredImage] = []
+        broken: dict[str, str] = {}
+        for name, digest in sorted(self._read_refs().items()):
+            reference = Reference.parse(name)
+            try:
+                images.append(self._image(digest, reference))
+            except (InvalidImageError, ImageNotFoundError) as exc:
+                broken[reference.familiar()] = str(exc)
+        return images, broken
 
     # ------------------------------------------------------------- contents
 
@@ -401,7 +412,10 @@ class ImageStore:
     def _collect_garbage(self, refs: dict[str, str]) -> None:
         keep: set[str] = set()
         for digest in set(refs.values()):
-            manifest = self._load_manifest(digest)
+            try:
+                manifest = self._load_manifest(digest)
+            except (InvalidImageError, ImageNotFoundError):
+                return  # which blobs a broken image still needs is unknown: collect nothing
             keep.add(_hex_of(digest))
             keep.update(_hex_of(d["digest"]) for d in [manifest["config"], *manifest.get("layers", [])])
         blobs = self.root / "blobs" / "sha256"
