@@ -2,7 +2,9 @@
 
 Each pod: Controller.Create (serialized PodSandboxConfig, empty type_url) -> Start -> Update
 (``extensions.tasks``) -> Task.Create -> Task.Start of the demo app, ``--window`` pods in flight.
-The pods are then held and the sandboxer's RSS and open descriptors are read from /proc.
+The pods are then held and the sandboxer's RSS and open descriptors are read from /proc; the
+sandboxer's CPU per pod (from /proc/<pid>/stat around the start phase) is printed with the pods per
+second one core of it sustains.
 
 Scenarios (each against a fresh private sandboxer unless ``--listen`` names a running one):
 
@@ -63,13 +65,13 @@ def main() -> None:
             print(result.to_json())
         return
     print(f"{'scenario':14} {'n':>7} {'KiB/sbx':>8} {'Kuasar':>8} {'ratio':>6} {'start/s':>8} "
-          f"{'p50 ms':>8} {'p99 ms':>8} {'fds/sbx':>8} {'running':>8}")
+          f"{'p50 ms':>8} {'p99 ms':>8} {'srv ms/pod':>10} {'pods/s/core':>11} {'fds/sbx':>8} {'running':>8}")
     for r in results:
         name = f"{r.mode}/{r.stdout}"
         ratio = KUASAR_KIB_PER_SANDBOX / max(r.rss_per_sandbox_kib, 0.001)
         print(f"{name:14} {r.n:>7} {r.rss_per_sandbox_kib:>8.1f} {KUASAR_KIB_PER_SANDBOX:>8.0f} {ratio:>5.0f}x "
               f"{r.start_per_s:>8.0f} {r.latency_p50_ms:>8.1f} {r.latency_p99_ms:>8.1f} "
-              f"{r.fds_per_sandbox:>8.2f} {r.running:>8}")
+              f"{r.server_cpu_ms_per_pod:>10.3f} {r.capacity_per_core:>11.0f} {r.fds_per_sandbox:>8.2f} {r.running:>8}")
     print(json.dumps({"kuasar_note": "published figure, not measured here (Kuasar cannot run on this machine)"}))
 
 

@@ -1,31 +1,28 @@
 """The gRPC ``containerd.services.sandbox.v1.Controller`` service (and kwasm's ``Admin.List``).
 
-Handlers receive raw request bytes and parse them themselves, so a request that is not valid
-protobuf answers INVALID_ARGUMENT instead of an opaque INTERNAL; every :class:`StatusError` becomes
-the matching gRPC status.
+Served by :class:`~kwasm.sandboxer.grpcwire.GrpcServer`: each handler receives the raw request
+bytes and parses them itself, so a request that is not valid protobuf answers INVALID_ARGUMENT
+instead of an opaque INTERNAL; every :class:`StatusError` becomes the matching gRPC status.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
 import psutil
 from google.protobuf.message import DecodeError, Message
 
 from kwasm.api import cri_pb2, sandbox_pb2, sandboxer_admin_pb2
+from kwasm.sandboxer.grpcwire import GrpcServer, Handler
 from kwasm.sandboxer.model import SANDBOX_READY, SANDBOX_STOPPED, Sandbox, pod_meta
 from kwasm.sandboxer.pbutil import metrics_any, timestamp
 from kwasm.sandboxer.registry import Registry
 from kwasm.sandboxer.status import INTERNAL, INVALID_ARGUMENT, StatusError
-
-log = logging.getLogger(__name__)
 
 CONTROLLER = "containerd.services.sandbox.v1.Controller"
 ADMIN = "kwasm.sandboxer.v1.Admin"
@@ -33,7 +30,6 @@ ADMIN = "kwasm.sandboxer.v1.Admin"
 TASK_API_VERSION = 2
 TASKS_EXTENSION = "tasks"
 RequestT = TypeVar("RequestT", bound=Message)
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _Route = tuple[type[Message], Callable[[Any], Awaitable[Message]]]
 _ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "riscv64": "riscv64"}
 
@@ -45,8 +41,8 @@ class ControllerService:
         self.registry = registry
         self._process = psutil.Process()
 
-    def handlers(self) -> list[Any]:
-        """The gRPC generic handlers to add to a server."""
+    def register(self, server: GrpcServer) -> None:
+        """Route every Controller method (and Admin.List) of ``server`` here."""
         controller: dict[str, _Route] = {
             "Create": (sandbox_pb2.ControllerCreateRequest, self.create),
             "Start": (sandbox_pb2.ControllerStartRequest, self.start),
@@ -59,12 +55,9 @@ class ControllerService:
             "Update": (sandbox_pb2.ControllerUpdateRequest, self.update),
         }
         admin: dict[str, _Route] = {"List": (sandboxer_admin_pb2.ListRequest, self.list)}
-        return [
-            grpc.method_handlers_generic_handler(
-                service, {name: _unary(request_type, call) for name, (request_type, call) in methods.items()}
-            )
-            for service, methods in ((CONTROLLER, controller), (ADMIN, admin))
-        ]
+        for service, methods in ((CONTROLLER, controller), (ADMIN, admin)):
+            for name, (request_type, call) in methods.items():
+                server.register(service, name, _unary(request_type, call))
 
     async def create(self, request: sandbox_pb2.ControllerCreateRequest) -> Message:
         """Register a sandbox; ``options.value`` is a CRI PodSandboxConfig whatever its type_url."""
@@ -216,21 +209,11 @@ class ControllerService:
         return response
 
 
-def _unary(request_type: type[RequestT], call: Callable[[Any], Awaitable[Message]]) -> Any:
-    async def behaviour(payload: bytes, context: Any) -> Message:
-        request = request_type()
-        try:
-            request.ParseFromString(payload)
-            return await call(request)
-        except DecodeError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_type.__name__}")
-        except StatusError as exc:
-            await context.abort(_CODES.get(exc.code, grpc.StatusCode.UNKNOWN), exc.message)
-        except Exception as exc:
-            log.exception("%s failed", request_type.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc) or type(exc).__name__)
-        raise AssertionError("context.abort returned")
+def _unary(request_type: type[RequestT], call: Callable[[Any], Awaitable[Message]]) -> Handler:
+    """Bytes in, bytes out; a DecodeError makes the server answer INVALID_ARGUMENT."""
 
-    return grpc.unary_unary_rpc_method_handler(
-        behaviour, request_deserializer=None, response_serializer=lambda message: message.SerializeToString()
-    )
+    async def handle(payload: bytes) -> bytes:
+        response = await call(request_type.FromString(payload))
+        return response.SerializeToString()
+
+    return handle

@@ -21,10 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from kwasm.errors import SandboxerError
 from kwasm.sandboxer.controller import ControllerService
+from kwasm.sandboxer.grpcwire import GrpcServer
 from kwasm.sandboxer.model import StateStore
 from kwasm.sandboxer.paths import DEFAULT_DIR, DEFAULT_LISTEN, LOCK_FILE, TASK_SOCKET
 from kwasm.sandboxer.registry import GuestEngine, Registry
@@ -131,8 +130,8 @@ async def serve(config: DaemonConfig, engine: GuestEngine) -> None:
     gc.set_threshold(50_000, 50, 100)
     ttrpc_server = TtrpcServer()
     TaskService(registry).register(ttrpc_server)
-    grpc_server = grpc.aio.server()
-    grpc_server.add_generic_rpc_handlers(ControllerService(registry).handlers())
+    grpc_server = GrpcServer()
+    ControllerService(registry).register(grpc_server)
     stop = asyncio.Event()
     background: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
@@ -141,8 +140,7 @@ async def serve(config: DaemonConfig, engine: GuestEngine) -> None:
     try:
         with _private_umask():
             await ttrpc_server.start(config.task_socket)
-            grpc_server.add_insecure_port(f"unix:{config.listen}")
-            await grpc_server.start()
+            await grpc_server.start(config.listen)
         for path in (config.listen, config.task_socket):
             path.chmod(0o600)
         notify_systemd(b"READY=1")
@@ -155,7 +153,7 @@ async def serve(config: DaemonConfig, engine: GuestEngine) -> None:
     finally:
         for task in background:
             task.cancel()
-        await grpc_server.stop(grace=1)
+        await grpc_server.close()
         await ttrpc_server.close()
         registry.close()
         for path in (config.listen, config.task_socket):

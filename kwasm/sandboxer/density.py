@@ -3,6 +3,9 @@
 Each pod is Controller.Create (serialized PodSandboxConfig, empty type_url) -> Start -> Update
 (extensions.tasks) -> Task.Create -> Task.Start of the demo app; ``window`` pods are in flight at
 once. Afterwards the pods are held and the sandboxer's RSS and descriptors are read from /proc.
+The pod path speaks gRPC through the lean :class:`WireClient` (grpcio's client would cost the
+2-core machine as much CPU as the sandboxer itself); the sandboxer's CPU per pod is read from
+/proc/<pid>/stat around the start phase and reported with the capacity per core it implies.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 from google.protobuf.any_pb2 import Any as AnyMessage
@@ -25,6 +29,7 @@ from kwasm.api import sandbox_pb2, shim_pb2
 from kwasm.sandboxer.client import SandboxerClient, TaskClient
 from kwasm.sandboxer.daemon import raise_nofile
 from kwasm.sandboxer.launch import make_bundle, pod_config
+from kwasm.sandboxer.wireclient import WireClient
 
 #: Kuasar's published memory per wasm sandbox (100k sandboxes, 183.3 GB).
 KUASAR_KIB_PER_SANDBOX = 1.9 * 1024
@@ -50,6 +55,12 @@ class DensityResult:
     failures: int
     stdout_bytes_per_s: float
     held_cpu_cores: float
+    #: Sandboxer CPU (user + system, from /proc/<pid>/stat) per pod while pods were started.
+    server_cpu_ms_per_pod: float
+    #: Pods per second one core of sandboxer CPU sustains (1000 / server_cpu_ms_per_pod).
+    capacity_per_core: float
+    #: The benchmark client's own CPU per pod (it shares the machine's cores).
+    client_cpu_ms_per_pod: float
     rss_mib: float
     fds: int
     kuasar_kib_per_sandbox: float = KUASAR_KIB_PER_SANDBOX
@@ -77,8 +88,21 @@ def update_request(sandbox_id: str, task_ids: list[str], stdout: str = "") -> sa
     return request
 
 
+class PodController(Protocol):
+    """The Controller calls a pod needs (grpcio's :class:`SandboxerClient` or the lean :class:`WireClient`)."""
+
+    async def create(self, request: sandbox_pb2.ControllerCreateRequest) -> sandbox_pb2.ControllerCreateResponse:
+        """Controller.Create."""
+
+    async def start(self, sandbox_id: str) -> sandbox_pb2.ControllerStartResponse:
+        """Controller.Start."""
+
+    async def update(self, request: sandbox_pb2.ControllerUpdateRequest) -> sandbox_pb2.ControllerUpdateResponse:
+        """Controller.Update."""
+
+
 async def start_pod(
-    sandboxes: SandboxerClient, tasks: TaskClient, sandbox_id: str, bundle: Path, stdout: str = ""
+    sandboxes: PodController, tasks: TaskClient, sandbox_id: str, bundle: Path, stdout: str = ""
 ) -> str:
     """Create, start and announce a sandbox, then create and start its one task; returns the task id."""
     await sandboxes.create(
@@ -164,13 +188,14 @@ async def run_density(
     sandboxes = SandboxerClient(listen)
     listing = await sandboxes.list("")
     tasks = await TaskClient.connect(listing.task_address)
+    pods = await WireClient.connect(listen)
     sandboxer = psutil.Process(listing.pid)
     drain = _Drain()
     prefix = f"density-{os.getpid()}-{int(time.time())}"
     waits: list[asyncio.Future[object]] = []
     try:
         for index in range(WARMUP):
-            await start_pod(sandboxes, tasks, f"{prefix}-warm{index}", bundle)
+            await start_pod(pods, tasks, f"{prefix}-warm{index}", bundle)
         await asyncio.sleep(0.5)
         rss0, fds0 = sandboxer.memory_info().rss, sandboxer.num_fds()
         latencies: list[float] = []
@@ -189,7 +214,7 @@ async def run_density(
                     stdout = str(path)
                 began = time.perf_counter()
                 try:
-                    await start_pod(sandboxes, tasks, f"{prefix}-{index}", bundle, stdout)
+                    await start_pod(pods, tasks, f"{prefix}-{index}", bundle, stdout)
                 except Exception:
                     failures += 1
                     continue
@@ -199,10 +224,13 @@ async def run_density(
                 if progress is not None:
                     progress(1)
 
+        cpu0, client0 = sandboxer.cpu_times(), time.process_time()
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(min(window, n))))
         elapsed = time.perf_counter() - began
         drained, cpu = drain.bytes, sandboxer.cpu_times()
+        client_cpu = time.process_time() - client0
+        server_cpu = cpu.user + cpu.system - cpu0.user - cpu0.system
         await asyncio.sleep(hold)
         drained, cpu_after = drain.bytes - drained, sandboxer.cpu_times()
         busy = (cpu_after.user + cpu_after.system - cpu.user - cpu.system) / hold
@@ -228,6 +256,9 @@ async def run_density(
             failures=failures,
             stdout_bytes_per_s=round(drained / hold, 1),
             held_cpu_cores=round(busy, 3),
+            server_cpu_ms_per_pod=round(server_cpu * 1000 / max(ok, 1), 3),
+            capacity_per_core=round(ok / server_cpu, 1) if server_cpu > 0 else 0.0,
+            client_cpu_ms_per_pod=round(client_cpu * 1000 / max(ok, 1), 3),
             rss_mib=round(rss1 / (1 << 20), 1),
             fds=fds1,
         )
@@ -238,4 +269,5 @@ async def run_density(
             await _shutdown_all(sandboxes, prefix, window)
         drain.close()
         await tasks.close()
+        await pods.close()
         await sandboxes.close()

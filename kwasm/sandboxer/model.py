@@ -212,6 +212,7 @@ class StateStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._prefix = str(root)
 
     def sandbox_dir(self, sandbox_id: str) -> Path:
         """The directory owned by one sandbox."""
@@ -219,19 +220,19 @@ class StateStore:
 
     def save(self, sandbox: Sandbox) -> None:
         """Write the sandbox (and its tasks) atomically."""
-        directory = self.sandbox_dir(sandbox.id)
+        directory = f"{self._prefix}/{sandbox.id}"  # plain strings: this runs twice per pod started
         data = json.dumps(sandbox.to_json(), separators=(",", ":")).encode()
-        temp = directory / f".{STATE_FILE}.tmp"
+        temp = f"{directory}/.{STATE_FILE}.tmp"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except FileNotFoundError:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)
         finally:
             os.close(fd)
-        os.replace(temp, directory / STATE_FILE)
+        os.replace(temp, f"{directory}/{STATE_FILE}")
 
     def remove(self, sandbox_id: str) -> None:
         """Delete everything the sandbox owns on disk."""

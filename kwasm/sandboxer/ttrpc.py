@@ -18,6 +18,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from kwasm.api import ttrpc_pb2
+from kwasm.sandboxer.inline import drive
 from kwasm.sandboxer.status import (
     DEADLINE_EXCEEDED,
     INTERNAL,
@@ -54,22 +55,17 @@ def _response(stream_id: int, code: int, message: str, payload: bytes = b"") -> 
     return encode_frame(stream_id, TYPE_RESPONSE, response.SerializeToString())
 
 
-async def _discard(reader: asyncio.StreamReader, length: int) -> None:
-    while length > 0:
-        chunk = await reader.read(min(length, 1 << 20))
-        if not chunk:
-            raise asyncio.IncompleteReadError(b"", length)
-        length -= len(chunk)
-
-
 class TtrpcServer:
-    """Serves registered ``service/method`` handlers on one unix socket; every request runs as a task."""
+    """Serves registered ``service/method`` handlers on one unix socket.
+
+    Frames are parsed where they arrive (an asyncio Protocol, no stream reader task); a request is
+    answered inline when its handler does not wait, else in a task of its own.
+    """
 
     def __init__(self) -> None:
         self._handlers: dict[tuple[str, str], Handler] = {}
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.StreamWriter] = set()
-        self._calls: set[asyncio.Task[None]] = set()
+        self._connections: set[_ServerConnection] = set()
         self._closing = False
 
     def register(self, service: str, method: str, handler: Handler) -> None:
@@ -82,66 +78,19 @@ class TtrpcServer:
 
     async def start(self, path: Path) -> None:
         """Listen on the unix socket ``path`` (the caller has removed any stale file)."""
-        self._server = await asyncio.start_unix_server(self._serve_connection, path=str(path))
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _ServerConnection(self), path=str(path))
 
     async def close(self) -> None:
         """Stop listening, drop every connection and cancel calls in flight."""
         self._closing = True
         if self._server is not None:
             self._server.close()
-        for writer in list(self._connections):
-            writer.close()
-        for call in list(self._calls):
-            call.cancel()
+        for connection in list(self._connections):
+            connection.abort()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
-
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._closing:  # accepted just before close(): it would outlive the server
-            writer.close()
-            return
-        self._connections.add(writer)
-        calls: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                header = await reader.readexactly(HEADER.size)
-                length, stream_id, message_type, _flags = HEADER.unpack(header)
-                if length > MESSAGE_LENGTH_MAX:
-                    if length > DISCARD_LIMIT:
-                        log.warning("closing ttrpc connection: frame of %d bytes", length)
-                        return
-                    await _discard(reader, length)
-                    writer.write(
-                        _response(
-                            stream_id,
-                            RESOURCE_EXHAUSTED,
-                            f"message length {length} exceeds maximum message size of {MESSAGE_LENGTH_MAX}",
-                        )
-                    )
-                    continue
-                payload = await reader.readexactly(length)
-                if message_type != TYPE_REQUEST:
-                    continue
-                call = asyncio.create_task(self._answer(writer, stream_id, payload))
-                for registry in (self._calls, calls):
-                    registry.add(call)
-                    call.add_done_callback(registry.discard)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._connections.discard(writer)
-            writer.close()
-            for call in list(calls):  # nobody is left to read the answers (a pending Wait, say)
-                call.cancel()
-
-    async def _answer(self, writer: asyncio.StreamWriter, stream_id: int, payload: bytes) -> None:
-        frame = await self._dispatch(stream_id, payload)
-        if writer.is_closing():
-            return
-        writer.write(frame)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
 
     async def _dispatch(self, stream_id: int, payload: bytes) -> bytes:
         request = ttrpc_pb2.Request()
@@ -172,15 +121,104 @@ class TtrpcServer:
         return _response(stream_id, OK, "", body)
 
 
-class TtrpcClient:
+class _ServerConnection(asyncio.Protocol):
+    """One client of a :class:`TtrpcServer`: frames in, answers out, its pending calls."""
+
+    def __init__(self, server: TtrpcServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.calls: set[asyncio.Future[bytes]] = set()
+        #: Bytes of an oversized frame still to skip, its stream id and length.
+        self.skipping = 0
+        self.skipped = (0, 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if self.server._closing:  # accepted just before close(): it would outlive the server
+            transport.close()
+            return
+        self.transport = transport
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+        self.transport = None
+        for call in list(self.calls):  # nobody is left to read the answers (a pending Wait, say)
+            call.cancel()
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:  # a peer that does not read its answers sends no more requests
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Drop the connection (the server is closing)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.skipping:
+            skip = min(self.skipping, len(data))
+            self.skipping -= skip
+            data = data[skip:]
+            if self.skipping:
+                return
+            self._too_large(*self.skipped)
+        buffer = self.buffer
+        buffer += data
+        offset, size = 0, len(buffer)
+        while size - offset >= HEADER.size and self.transport is not None:
+            length, stream_id, message_type, _flags = HEADER.unpack_from(buffer, offset)
+            if length > MESSAGE_LENGTH_MAX:
+                if length > DISCARD_LIMIT:
+                    log.warning("closing ttrpc connection: frame of %d bytes", length)
+                    self.abort()
+                    break
+                available = min(length, size - offset - HEADER.size)
+                offset += HEADER.size + available
+                if available < length:
+                    self.skipping, self.skipped = length - available, (stream_id, length)
+                    break
+                self._too_large(stream_id, length)
+                continue
+            if size - offset - HEADER.size < length:
+                break
+            payload = bytes(buffer[offset + HEADER.size : offset + HEADER.size + length])
+            offset += HEADER.size + length
+            if message_type != TYPE_REQUEST:
+                continue
+            call = drive(self.server._dispatch(stream_id, payload))
+            if call.done():  # answered without waiting: no task, no extra turn of the loop
+                self.transport.write(call.result())
+            else:
+                self.calls.add(call)
+                call.add_done_callback(self._answer)
+        del buffer[:offset]
+
+    def _too_large(self, stream_id: int, length: int) -> None:
+        if self.transport is not None:
+            message = f"message length {length} exceeds maximum message size of {MESSAGE_LENGTH_MAX}"
+            self.transport.write(_response(stream_id, RESOURCE_EXHAUSTED, message))
+
+    def _answer(self, call: asyncio.Future[bytes]) -> None:
+        self.calls.discard(call)
+        if not call.cancelled() and self.transport is not None:
+            self.transport.write(call.result())
+
+
+class TtrpcClient(asyncio.Protocol):
     """A ttrpc client on one unix-socket connection; calls may run concurrently."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
         self._next_stream = 1
         self._pending: dict[int, asyncio.Future[bytes]] = {}
-        self._receiver = asyncio.create_task(self._receive())
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
     async def connect(cls, path: Path | str) -> TtrpcClient:
@@ -188,12 +226,25 @@ class TtrpcClient:
         address = str(path)
         for prefix in ("ttrpc+unix://", "unix://"):
             address = address.removeprefix(prefix)
-        reader, writer = await asyncio.open_unix_connection(address, limit=MESSAGE_LENGTH_MAX + 1024)
-        return cls(reader, writer)
+        _transport, client = await asyncio.get_running_loop().create_unix_connection(cls, address)
+        return client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        error = ConnectionError(f"ttrpc connection closed: {exc}" if exc else "ttrpc connection closed")
+        for pending in self._pending.values():
+            if not pending.done():
+                pending.set_exception(error)
+        if not self._closed.done():
+            self._closed.set_result(None)
 
     async def call(self, service: str, method: str, payload: bytes, timeout: float | None = None) -> bytes:
         """Call ``service/method`` with serialized ``payload``; returns the response payload."""
-        if self._receiver.done():  # nobody would ever resolve the answer
+        if self._transport is None:  # nobody would ever resolve the answer
             raise ConnectionError("ttrpc connection closed")
         stream_id = self._next_stream
         self._next_stream += 2
@@ -203,40 +254,38 @@ class TtrpcClient:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = future
         try:
-            self._writer.write(encode_frame(stream_id, TYPE_REQUEST, request.SerializeToString()))
-            await self._writer.drain()
+            self._transport.write(encode_frame(stream_id, TYPE_REQUEST, request.SerializeToString()))
             return await future
         finally:
             self._pending.pop(stream_id, None)
 
-    async def _receive(self) -> None:
-        error: BaseException = ConnectionError("ttrpc connection closed")
-        try:
-            while True:
-                header = await self._reader.readexactly(HEADER.size)
-                length, stream_id, message_type, _flags = HEADER.unpack(header)
-                payload = await self._reader.readexactly(length)
-                pending = self._pending.get(stream_id)
-                if message_type != TYPE_RESPONSE or pending is None or pending.done():
-                    continue
-                response = ttrpc_pb2.Response()
-                response.ParseFromString(payload)
-                if response.status.code != OK:
-                    pending.set_exception(StatusError(response.status.code, response.status.message))
-                else:
-                    pending.set_result(response.payload)
-        except (asyncio.IncompleteReadError, ConnectionError, DecodeError) as exc:
-            error = ConnectionError(f"ttrpc connection closed: {exc}")
-        finally:
-            for pending in self._pending.values():
-                if not pending.done():
-                    pending.set_exception(error)
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        offset, size = 0, len(buffer)
+        while size - offset >= HEADER.size:
+            length, stream_id, message_type, _flags = HEADER.unpack_from(buffer, offset)
+            if size - offset - HEADER.size < length:
+                break
+            payload = bytes(buffer[offset + HEADER.size : offset + HEADER.size + length])
+            offset += HEADER.size + length
+            pending = self._pending.get(stream_id)
+            if message_type != TYPE_RESPONSE or pending is None or pending.done():
+                continue
+            try:
+                response = ttrpc_pb2.Response.FromString(payload)
+            except DecodeError:
+                if self._transport is not None:
+                    self._transport.close()  # not a ttrpc server: every call fails with ConnectionError
+                return
+            if response.status.code != OK:
+                pending.set_exception(StatusError(response.status.code, response.status.message))
+            else:
+                pending.set_result(response.payload)
+        del buffer[:offset]
 
     async def close(self) -> None:
         """Close the connection; calls still waiting fail with ConnectionError."""
-        self._writer.close()
-        self._receiver.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await self._receiver
-        with contextlib.suppress(ConnectionError):
-            await self._writer.wait_closed()
+        if self._transport is not None:
+            self._transport.close()
+        await self._closed
