@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -14,8 +15,8 @@ from conftest import DEMO_WASM
 from guests.toolchain import assemble_wat, compile_c
 
 from kwasm.errors import EngineError, NotFoundError, WasmValidationError
+from kwasm.runtime.cells import ReadyFlag
 from kwasm.runtime.engine import Engine
-from kwasm.runtime.ffi import ReadyFlag
 from kwasm.runtime.guest import EXIT_KILLED, EXIT_TRAP, ExitReason, GuestSpec, Preopen, Stdio
 from kwasm.runtime.scheduler import Scheduler
 
@@ -352,10 +353,14 @@ def test_5000_sleeping_guests_on_one_scheduler_are_killed_and_reaped(tmp_path: P
     assert _open_fds() == fds_before
 
 
+_task_ids = itertools.count(1)
+
+
 class ScriptedTask:
     """A scheduler task whose one slice either finishes or raises (a host-side bug)."""
 
     def __init__(self, fails: bool) -> None:
+        self.id = next(_task_ids)
         self.wait_seq = 0
         self.ready_flag = ReadyFlag()
         self.fails = fails
@@ -386,3 +391,40 @@ def test_a_failing_guest_does_not_take_its_scheduler_thread_down() -> None:
     finally:
         scheduler.stop()
     assert broken.aborted == [ExitReason.TRAPPED] and not before.aborted
+
+
+GROWS_WAT = """(module
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (local $errno i32)
+    (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 8)))
+    (drop (memory.grow (i32.const 200)))  ;; 12.5 MiB: past the 4 MiB reservation, so the memory moves
+    (local.set $errno (call $clock (i32.const 1) (i64.const 0) (i32.const 13172728)))  ;; its last 8 bytes
+    (if (i32.eqz (local.get $errno))
+      (then (if (i64.eqz (i64.load (i32.const 13172728))) (then (call $exit (i32.const 99))))))
+    (call $exit (local.get $errno))))"""
+
+
+def test_host_calls_follow_a_memory_that_grew_and_moved(tmp_path: Path) -> None:
+    module = tmp_path / "grows.wasm"
+    module.write_bytes(wasmtime.wat2wasm(GROWS_WAT))
+    with Engine(threads=1, cache_dir=tmp_path / "cache") as engine:
+        guest = engine.start(GuestSpec(module=module, argv=["grows"]))
+        done = guest.wait(10)
+    assert done is not None and (done.code, done.reason) == (0, ExitReason.EXITED)
+
+
+def test_immutable_modules_skip_the_recheck_and_the_default_notices_a_new_file(tmp_path: Path) -> None:
+    module = tmp_path / "app.wasm"
+    exits_with = """(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+      (memory (export "memory") 1) (func (export "_start") (call $exit (i32.const {code}))))"""
+    for immutable, expected in ((True, 3), (False, 4)):
+        module.write_bytes(wasmtime.wat2wasm(exits_with.format(code=3)))
+        with Engine(threads=1, cache_dir=tmp_path / "cache", immutable_modules=immutable) as engine:
+            first = engine.start(GuestSpec(module=module, argv=["app"])).wait(10)
+            module.write_bytes(wasmtime.wat2wasm(exits_with.format(code=4)))  # replaced in place
+            os.utime(module, ns=(time.time_ns(), time.time_ns() + 10**9))  # a newer mtime, as a rewrite has
+            second = engine.start(GuestSpec(module=module, argv=["app"])).wait(10)
+        assert first is not None and first.code == 3
+        assert second is not None and second.code == expected

@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import wasmtime
 
 from kwasm.errors import EngineError, WasmValidationError
 from kwasm.runtime import ffi, wasiconfig
 from kwasm.runtime.cache import ModuleCache, default_cache_dir
+from kwasm.runtime.cells import ReadyFlag
 from kwasm.runtime.guest import EXIT_KILLED, EXIT_TRAP, ExitReason, GuestExit, GuestSpec
 from kwasm.runtime.scheduler import Scheduler
 from kwasm.runtime.settings import EngineSettings
@@ -55,13 +55,13 @@ class Guest:
         "_done",
         "_engine",
         "_exit",
+        "_exports",
         "_future",
-        "_instance",
-        "_memory",
+        "_memory_handle",
         "_on_exit",
         "_owned_fds",
+        "_region",
         "_scheduler",
-        "_start_func",
         "_store",
         "builtins",
         "id",
@@ -77,20 +77,20 @@ class Guest:
         self.spec = spec
         self.stdin_fd: int | None = None
         self.output_fds: dict[int, int] | None = None
-        self.builtins: dict[str, object] = {}
+        self.builtins: dict[str, object] | None = None  # made on first use (most guests never need it)
         self.wait_seq = 0
-        self.ready_flag = ffi.ReadyFlag()
+        self.ready_flag = ReadyFlag()
         self._engine = engine
         self._exit: GuestExit | None = None
         self._done: threading.Event | None = None
         self._on_exit: Callable[[GuestExit], None] | None = None
         self._store: ffi.Store | None = None
-        self._instance: ffi.Instance | None = None
-        self._memory: Any = None
-        self._start_func: Any = None
+        self._exports = 0  # the address of its pinned ``_start`` and memory handles (ffi.pin_exports)
+        self._memory_handle: tuple[int, int] | None = None
+        self._region = (0, 0)  # (address, length) last seen: a memory moves only when it grows
         self._future: ffi.CallFuture | None = None
         self._scheduler: Scheduler | None = None
-        self._owned_fds: list[int] = []
+        self._owned_fds: tuple[int, ...] = ()
 
     # ---- public API --------------------------------------------------------------------------
     @property
@@ -117,9 +117,9 @@ class Guest:
     def memory_bytes(self) -> int:
         """Current size of the guest's linear memory in bytes (0 once it has ended)."""
         with self._engine._lock:
-            if self._exit is not None or self._instance is None or self._memory is None:
+            if self._exit is not None or self._memory_handle is None:
                 return 0
-            return self._instance.memory_size(self._memory)
+            return ffi.memory_size(*self._memory_handle)
 
     # ---- scheduler protocol (runs on the guest's scheduler thread) ---------------------------
     def suspend(self, deadline: float | None, fd: int | None, *, writable: bool = False) -> None:
@@ -127,10 +127,21 @@ class Guest:
         assert self._scheduler is not None
         self._scheduler.suspend(self, deadline, fd, writable=writable)
 
+    def sleep_until(self, deadline: float) -> None:
+        """Park until ``deadline`` (monotonic seconds): :meth:`suspend` for a plain timer, on the hot path."""
+        assert self._scheduler is not None
+        self._scheduler.sleep_until(self, deadline)
+
     def memory_region(self) -> tuple[int, int]:
         """``(address, length)`` of the guest's linear memory (for the async WASI calls)."""
-        assert self._instance is not None
-        return self._instance.memory_region(self._memory)
+        handle = self._memory_handle
+        if handle is None:
+            raise EngineError(f"{self.spec.module.name} exports no memory")
+        # Wasm memories never shrink and move only when they grow: an unchanged length means an
+        # unchanged address, so one FFI call instead of two on every host call.
+        if ffi.memory_size(*handle) != self._region[1]:
+            self._region = ffi.memory_region(*handle)
+        return self._region
 
     def take_wakeup(self) -> bool:
         """True once after the scheduler woke this guest."""
@@ -143,10 +154,9 @@ class Guest:
         """Run until the next suspension point; True when the guest has ended."""
         if self._exit is not None:
             return True
-        assert self._store is not None
         if self._future is None:
-            self._future = ffi.CallFuture(self._store, self._start_func)
-        self._store.reset_epoch_deadline()
+            assert self._store is not None
+            self._future = ffi.CallFuture(self._store, self._exports)
         if not self._future.poll():
             return False
         code, message = self._future.outcome()
@@ -173,9 +183,11 @@ class Guest:
             if self._store is not None:
                 self._store.delete()
             self._store = None
-            self.builtins = {}  # handles into the deleted store
-            self._instance = None
-            self._memory = None
+            self.builtins = None  # handles into the deleted store
+            self._memory_handle = None
+            if self._exports:
+                ffi.unpin_exports(self._exports)
+                self._exports = 0
             self._exit = GuestExit(code, reason, message, time.time())
             done = self._done
         if self._scheduler is not None:
@@ -183,7 +195,7 @@ class Guest:
                 self._scheduler.release_fd(fd)
         for fd in self._owned_fds:
             os.close(fd)
-        self._owned_fds = []
+        self._owned_fds = ()
         self._engine._forget(self)
         if done is not None:
             done.set()
@@ -196,7 +208,11 @@ class Guest:
 
 
 class Engine:
-    """One wasmtime engine and its scheduler threads; starts, tracks and kills guests."""
+    """One wasmtime engine and its scheduler threads; starts, tracks and kills guests.
+
+    With ``immutable_modules`` a module path, once loaded, is never checked again (no ``stat`` per
+    start): for callers whose module files never change in place, such as a content-addressed store.
+    """
 
     def __init__(
         self,
@@ -204,9 +220,14 @@ class Engine:
         threads: int | None = None,
         cache_dir: Path | None = None,
         settings: EngineSettings | None = None,
+        immutable_modules: bool = False,
     ) -> None:
         self.settings = settings or EngineSettings()
         self._lock = threading.Lock()
+        self._pre_lock = threading.Lock()
+        # Module files never change once loaded (content-addressed stores): skip the per-start stat.
+        self._immutable = immutable_modules
+        self._by_path: dict[str, _Loaded] = {}
         self._wasm = ffi.new_engine(self.settings)
         self.cache = ModuleCache(self._wasm, self.settings, cache_dir or default_cache_dir())
         self._guests: dict[int, Guest] = {}
@@ -256,6 +277,10 @@ class Engine:
         self._load(module)
 
     def _load(self, module: Path) -> _Loaded:
+        if self._immutable:
+            known = self._by_path.get(str(module))
+            if known is not None:
+                return known
         try:
             info = module.stat()
         except OSError as exc:
@@ -272,17 +297,22 @@ class Engine:
         loaded = _Loaded(compiled, digest)
         self._pre(loaded, _PLAIN, module)
         with self._lock:
-            return self._modules.setdefault(key, loaded)
+            loaded = self._modules.setdefault(key, loaded)
+            self._by_path[str(module)] = loaded
+            return loaded
 
     def _pre(self, loaded: _Loaded, kind: _LinkerKind, module: Path) -> ffi.InstancePre:
         pre = loaded.pres.get(kind)
         if pre is None:
-            try:
-                pre = ffi.InstancePre(self._linkers[kind], loaded.module)
-            except ValueError as exc:
-                reason = str(exc).splitlines()[0]
-                raise WasmValidationError(f"{module} cannot be linked against WASI: {reason}") from None
-            loaded.pres[kind] = pre
+            with self._pre_lock:  # two threads starting the first guest of a kind must not both link it
+                pre = loaded.pres.get(kind)
+                if pre is None:
+                    try:
+                        pre = ffi.InstancePre(self._linkers[kind], loaded.module)
+                    except ValueError as exc:
+                        reason = str(exc).splitlines()[0]
+                        raise WasmValidationError(f"{module} cannot be linked against WASI: {reason}") from None
+                    loaded.pres[kind] = pre
         return pre
 
     def start(self, spec: GuestSpec, on_exit: Callable[[GuestExit], None] | None = None) -> Guest:
@@ -311,12 +341,12 @@ class Engine:
             setup.close()
             raise EngineError(f"cannot start {spec.module.name}: {str(exc).splitlines()[0]}") from None
         guest._store = store
-        guest._instance = instance
-        guest._start_func = instance.func("_start")
-        guest._memory = instance.memory()
+        guest._exports, memory = ffi.pin_exports(instance.func("_start"), instance.memory())
+        if memory is not None:
+            guest._memory_handle = (store.context_address, memory)
         guest.stdin_fd = setup.stdin_fd
         guest.output_fds = setup.output_fds
-        guest._owned_fds = setup.owned_fds
+        guest._owned_fds = tuple(setup.owned_fds)
         with self._lock:
             self._guests[guest.id] = guest
             scheduler = min(self._schedulers, key=lambda s: s.load)
@@ -344,3 +374,4 @@ class Engine:
                 for pre in loaded.pres.values():
                     pre.delete()
             self._modules.clear()
+            self._by_path.clear()

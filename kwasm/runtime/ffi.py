@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import struct
 import threading
 from collections.abc import Callable
 from ctypes import (
@@ -18,12 +19,9 @@ from ctypes import (
     c_char,
     c_char_p,
     c_int,
-    c_int32,
     c_size_t,
     c_ssize_t,
     c_ubyte,
-    c_uint8,
-    c_uint32,
     c_uint64,
     c_void_p,
 )
@@ -32,6 +30,7 @@ from typing import Any
 import wasmtime
 from wasmtime import _ffi as ffi
 
+from kwasm.runtime.cells import MEMORY, U32, CellPool, ReadyFlag
 from kwasm.runtime.settings import EngineSettings
 
 #: A continuation: called on every poll of a suspended host call; True once the call is complete.
@@ -58,6 +57,16 @@ _memory_data_size.argtypes = [c_void_p, c_void_p]
 _set_epoch_deadline = _held.wasmtime_context_set_epoch_deadline
 _set_epoch_deadline.restype = None
 _set_epoch_deadline.argtypes = [c_void_p, c_uint64]
+# Runs the guest: bound through CDLL (releases the GIL) but without wasmtime-py's Python wrapper.
+_future_poll = ctypes.CFUNCTYPE(ctypes.c_bool, c_void_p)(("wasmtime_call_future_poll", ffi.dll))
+
+
+_CONTINUATION = struct.Struct("<QQQ")  # wasmtime_async_continuation_t: callback, env, finalizer
+
+
+def _array_pointer(items: Any) -> Any:
+    """A ``char **`` to a ``c_char_p`` array (cast from its address: casting the array itself makes a ref cycle)."""
+    return ctypes.cast(ctypes.addressof(items), POINTER(POINTER(c_char)))
 
 
 def _chars(data: bytes) -> Any:
@@ -106,7 +115,12 @@ class HostCall:
 
     def arg(self, index: int) -> int:
         """Argument ``index`` as an unsigned 32-bit integer."""
-        return c_uint32.from_address(self._params + _VAL_SIZE * index + _VAL_OF).value
+        return int(U32.unpack_from(MEMORY, self._params + _VAL_SIZE * index + _VAL_OF)[0])
+
+    def args4(self) -> tuple[int, int, int, int]:
+        """The first four arguments as unsigned 32-bit integers (one read)."""
+        first, second, third, fourth = _ARGS4.unpack_from(MEMORY, self._params)
+        return first, second, third, fourth
 
     def store_key(self) -> int:
         """The integer key the calling guest's store was created with (see :class:`Store`)."""
@@ -114,8 +128,7 @@ class HostCall:
 
     def set_result(self, value: int) -> None:
         """Set the i32 result; may be called until the continuation reports completion."""
-        c_uint8.from_address(self._results).value = 0  # WASMTIME_I32
-        c_int32.from_address(self._results + _VAL_OF).value = value
+        _RESULT.pack_into(MEMORY, self._results, 0, value)  # kind WASMTIME_I32 (0), then the value
 
     def builtin(self, engine: wasmtime.Engine, linker: wasmtime.Linker, adapter: wasmtime.Module, name: str) -> Any:
         """The built-in WASI function ``name`` made callable on the caller's memory (a store-bound handle).
@@ -197,32 +210,6 @@ class _Running(threading.local):
 _running = _Running()
 
 
-class ReadyFlag:
-    """A one-byte flag wasmtime polls natively: a wait completes once the scheduler sets it.
-
-    The continuation callback for a flag is libc's ``strlen`` on the flag's two bytes (1 when set,
-    0 when clear), so polling a waiting guest costs no Python callback.
-    """
-
-    __slots__ = ("_byte", "address")
-
-    def __init__(self) -> None:
-        self._byte = (ctypes.c_uint8 * 2)()
-        self.address = ctypes.addressof(self._byte)
-
-    def set(self) -> None:
-        """Mark the wait complete."""
-        self._byte[0] = 1
-
-    def clear(self) -> None:
-        """Start a new wait."""
-        self._byte[0] = 0
-
-    def is_set(self) -> bool:
-        """Whether the wait is complete."""
-        return bool(self._byte[0])
-
-
 #: An async host function: gets the call, returns None (complete now), a flag or a continuation.
 AsyncHostFunction = Callable[[HostCall], Continuation | ReadyFlag | None]
 
@@ -256,6 +243,8 @@ _ALWAYS_READY = _address(_always_ready)
 _CONTINUE = _address(_continue)
 _VAL_SIZE = ctypes.sizeof(ffi.wasmtime_val_t)
 _VAL_OF = ffi.wasmtime_val_t.of.offset
+_ARGS4 = struct.Struct(f"<{_VAL_OF}x" + f"I{_VAL_SIZE - 4}x" * 3 + "I")
+_RESULT = struct.Struct(f"<B{_VAL_OF - 1}xi")
 #: wasmtime_func_async_callback_t with every pointer as a plain address (cheaper to enter from C).
 _RawAsyncCallback = ctypes.CFUNCTYPE(
     None, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_void_p
@@ -285,9 +274,7 @@ def define_async(linker: wasmtime.Linker, module: str, name: str, params: list[s
             _pending[data] = (call, continuation)
             callback = _CONTINUE
         # wasmtime_async_continuation_t {callback, env, finalizer}; wasmtime aborts if callback is unset.
-        c_void_p.from_address(cont).value = callback
-        c_void_p.from_address(cont + 8).value = data
-        c_void_p.from_address(cont + 16).value = None
+        _CONTINUATION.pack_into(MEMORY, cont, callback, data, 0)
 
     raw = _RawAsyncCallback(trampoline)
     callback = ctypes.cast(raw, ffi.wasmtime_func_async_callback_t)
@@ -351,17 +338,14 @@ class WasiConfig:
     def argv(self, argv: list[str]) -> None:
         """Set the program arguments (``argv[0]`` first)."""
         items = (c_char_p * len(argv))(*(a.encode() for a in argv))
-        if not ffi.wasi_config_set_argv(self._ptr, len(argv), ctypes.cast(items, POINTER(POINTER(c_char)))):
+        if not ffi.wasi_config_set_argv(self._ptr, len(argv), _array_pointer(items)):
             raise ValueError("invalid argv")
 
     def env(self, env: dict[str, str]) -> None:
         """Set the environment."""
         names = (c_char_p * len(env))(*(k.encode() for k in env))
         values = (c_char_p * len(env))(*(v.encode() for v in env.values()))
-        cast = ctypes.cast
-        if not ffi.wasi_config_set_env(
-            self._ptr, len(env), cast(names, POINTER(POINTER(c_char))), cast(values, POINTER(POINTER(c_char)))
-        ):
+        if not ffi.wasi_config_set_env(self._ptr, len(env), _array_pointer(names), _array_pointer(values)):
             raise ValueError("invalid environment")
 
     def stdin_file(self, path: str) -> None:
@@ -395,13 +379,27 @@ class WasiConfig:
 class Store:
     """A wasmtime store for one guest, created with an integer key its host calls can read back."""
 
-    __slots__ = ("_context", "_context_address", "_ptr", "key")
+    # Plain addresses, not ctypes pointer objects: a sleeping guest's store adds no cyclic-GC work.
+    __slots__ = ("_address", "_context_address", "key")
 
     def __init__(self, engine: wasmtime.Engine, key: int) -> None:
         self.key = key
-        self._ptr: Any = ffi.wasmtime_store_new(engine.ptr(), key, _NULL_FINALIZER)
-        self._context = ffi.wasmtime_store_context(self._ptr)
-        self._context_address = int(ctypes.cast(self._context, c_void_p).value or 0)
+        store = ffi.wasmtime_store_new(engine.ptr(), key, _NULL_FINALIZER)
+        self._address = int(c_void_p.from_buffer(store).value or 0)
+        self._context_address = int(c_void_p.from_buffer(ffi.wasmtime_store_context(store)).value or 0)
+
+    @property
+    def context_address(self) -> int:
+        """The address of the store's context (for :func:`memory_size` and :func:`memory_region`)."""
+        return self._context_address
+
+    @property
+    def _ptr(self) -> Any:
+        return ctypes.cast(self._address, POINTER(ffi.wasmtime_store_t)) if self._address else None
+
+    @property
+    def _context(self) -> Any:
+        return ctypes.cast(self._context_address, POINTER(ffi.wasmtime_context_t))
 
     def set_wasi(self, config: WasiConfig) -> None:
         """Install the WASI context (consumes ``config``)."""
@@ -414,10 +412,6 @@ class Store:
         """Cap the size of every linear memory of this store."""
         ffi.wasmtime_store_limiter(self._ptr, max_bytes, -1, -1, -1, -1)
 
-    def reset_epoch_deadline(self) -> None:
-        """Give the guest a fresh time slice (one epoch tick) before it is resumed."""
-        _set_epoch_deadline(self._context_address, 1)
-
     def yield_on_epoch(self) -> None:
         """Make running wasm yield to the scheduler on every engine epoch tick."""
         ffi.wasmtime_context_set_epoch_deadline(self._context, 1)
@@ -425,9 +419,9 @@ class Store:
 
     def delete(self) -> None:
         """Free the store and everything in it (the call future must be deleted first)."""
-        if self._ptr:
+        if self._address:
             ffi.wasmtime_store_delete(self._ptr)
-            self._ptr = None
+            self._address = 0
 
     def instantiate(self, pre: InstancePre) -> Instance:
         """Instantiate a pre-linked module in this store (polled to completion)."""
@@ -472,14 +466,43 @@ class Instance:
             return None
         return ffi.wasmtime_memory_t.from_buffer_copy(item.of.memory)
 
-    def memory_size(self, memory: Any) -> int:
-        """Current byte size of an exported memory (from :meth:`memory`)."""
-        return int(_memory_data_size(self._store._context_address, ctypes.addressof(memory)))
+    def memory_handle(self, memory: Any) -> tuple[int, int]:
+        """``(context, memory)`` addresses for :func:`memory_region`; valid while the store and ``memory`` live."""
+        return self._store._context_address, ctypes.addressof(memory)
 
-    def memory_region(self, memory: Any) -> tuple[int, int]:
-        """``(address, length)`` of an exported memory (valid until the guest runs again)."""
-        context, handle = self._store._context_address, ctypes.addressof(memory)
-        return int(_memory_data(context, handle) or 0), int(_memory_data_size(context, handle))
+
+#: Per guest: its ``_start`` function handle (16 bytes) and memory handle (24 bytes), see pin_exports.
+_EXPORTS = CellPool(48)
+_MEMORY_AT = 16
+
+
+def pin_exports(func: Any, memory: Any) -> tuple[int, int | None]:
+    """Copy a function handle and a memory handle (or None) into native memory: their addresses.
+
+    The addresses stand in for the ctypes handles (:class:`CallFuture`, :func:`memory_size`) until
+    :func:`unpin_exports`; a guest then keeps no ctypes objects alive while it sleeps.
+    """
+    cell = _EXPORTS.take()
+    MEMORY[cell : cell + ctypes.sizeof(func)] = bytes(func)
+    if memory is None:
+        return cell, None
+    MEMORY[cell + _MEMORY_AT : cell + _MEMORY_AT + ctypes.sizeof(memory)] = bytes(memory)
+    return cell, cell + _MEMORY_AT
+
+
+def unpin_exports(func_address: int) -> None:
+    """Release what :func:`pin_exports` returned (the store and any future using it must be gone)."""
+    _EXPORTS.give_back(func_address)
+
+
+def memory_size(context: int, memory: int) -> int:
+    """The byte length of a memory from its :meth:`Instance.memory_handle`."""
+    return int(_memory_data_size(context, memory))
+
+
+def memory_region(context: int, memory: int) -> tuple[int, int]:
+    """``(address, length)`` of a memory from its :meth:`Instance.memory_handle` (valid until the guest runs again)."""
+    return _memory_data(context, memory) or 0, _memory_data_size(context, memory)
 
 
 class InstancePre:
@@ -500,38 +523,57 @@ class InstancePre:
             self.ptr = None
 
 
-class CallFuture:
-    """An async call of a no-argument function, advanced by :meth:`poll`."""
+#: Per call future: its trap and error out-pointers (two native pointers), written by wasmtime.
+_OUTCOMES = CellPool(16)
+_OUTCOME = struct.Struct("<QQ")
+# The call-future functions with plain addresses: no ctypes pointer objects kept per guest.
+_call_async = ctypes.CFUNCTYPE(
+    c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_void_p
+)(("wasmtime_func_call_async", ffi.dll))
+_future_delete = ctypes.CFUNCTYPE(None, c_void_p)(("wasmtime_call_future_delete", ffi.dll))
 
-    __slots__ = ("_error", "_future", "_key", "_trap")
+
+class CallFuture:
+    """An async call of a no-argument function, advanced by :meth:`poll`.
+
+    ``func`` is a handle from :meth:`Instance.func` or the address of one (see :func:`pin_exports`);
+    wasmtime reads it lazily, so the caller keeps it alive as long as the future.
+    """
+
+    __slots__ = ("_address", "_context", "_key", "_outcome")
 
     def __init__(self, store: Store, func: Any) -> None:
         self._key = store.key
-        self._trap = POINTER(ffi.wasm_trap_t)()
-        self._error = POINTER(ffi.wasmtime_error_t)()
-        self._future: Any = ffi.wasmtime_func_call_async(
-            store._context, byref(func), None, 0, None, 0, byref(self._trap), byref(self._error)
-        )
+        self._context = store._context_address
+        self._outcome = _OUTCOMES.take()
+        func_address = func if isinstance(func, int) else ctypes.addressof(func)
+        self._address: int = _call_async(
+            self._context, func_address, None, 0, None, 0, self._outcome, self._outcome + 8
+        ) or 0
 
     def poll(self) -> bool:
-        """Run the guest until it suspends (False) or finishes (True)."""
+        """Give the guest a fresh time slice (one epoch tick) and run it until it suspends (False) or ends (True)."""
         _running.key = self._key
-        return bool(ffi.wasmtime_call_future_poll(self._future))
+        _set_epoch_deadline(self._context, 1)
+        return bool(_future_poll(self._address))
 
     def delete(self) -> None:
         """Drop the future (a suspended guest is abandoned; its fiber is unwound)."""
-        if self._future:
-            ffi.wasmtime_call_future_delete(self._future)
-            self._future = None
+        if self._address:
+            _future_delete(self._address)
+            self._address = 0
+            _OUTCOMES.give_back(self._outcome)
 
     def outcome(self) -> tuple[int | None, str]:
         """After completion: ``(exit_code, "")`` for a return or ``proc_exit``; ``(None, message)`` for a trap."""
-        if self._error:
+        trap_address, error_address = _OUTCOME.unpack_from(MEMORY, self._outcome)
+        if error_address:
+            error = ctypes.cast(error_address, POINTER(ffi.wasmtime_error_t))
             status = c_int()
-            if ffi.wasmtime_error_exit_status(self._error, byref(status)):
-                ffi.wasmtime_error_delete(self._error)
+            if ffi.wasmtime_error_exit_status(error, byref(status)):
+                ffi.wasmtime_error_delete(error)
                 return status.value, ""
-            return None, _error_message(self._error)
-        if self._trap:
-            return None, _trap_message(self._trap)
+            return None, _error_message(error)
+        if trap_address:
+            return None, _trap_message(ctypes.cast(trap_address, POINTER(ffi.wasm_trap_t)))
         return 0, ""

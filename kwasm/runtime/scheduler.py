@@ -12,15 +12,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import heapq
-import itertools
 import logging
+import math
 import os
 import select
 import threading
 import time
 from typing import Protocol
 
-from kwasm.runtime.ffi import ReadyFlag
+from kwasm.runtime.cells import MEMORY, ReadyFlag
 from kwasm.runtime.guest import ExitReason
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 class Task(Protocol):
     """What the scheduler needs from a guest."""
 
+    #: Unique among the tasks of one scheduler.
+    id: int
     wait_seq: int
     ready_flag: ReadyFlag
 
@@ -50,13 +52,17 @@ class Scheduler:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
         self._epoll.register(self._wake_fd, select.EPOLLIN)
-        self._timers: list[tuple[float, int, int, Task]] = []
-        self._order = itertools.count()
+        # Timers: a heap of distinct due times (plain floats compare fastest) and, per due time, the
+        # wait it ends as ``(wait_seq, task id)``. Entries hold only numbers: Python's cyclic GC stops
+        # tracking them, so many pending sleeps do not make its full collections longer.
+        self._timers: list[float] = []
+        self._timer_entries: dict[float, tuple[int, int]] = {}
         self._runnable: collections.deque[tuple[Task, float]] = collections.deque()
         self._fd_waiters: dict[int, list[tuple[int, Task]]] = {}
-        self._tasks: set[Task] = set()
+        self._tasks: dict[int, Task] = {}
         self._stopping = False
         self._sleeping = False  # in epoll_wait: only then does a poster need to signal the eventfd
+        self._signaled = False  # an eventfd signal is on its way: later posters need not send another
         # Each counter has one writer (``load`` = their difference): callers of start_later, which the
         # engine serializes, and this thread. A shared ``+=``/``-=`` could lose updates across threads.
         self._started = 0
@@ -94,7 +100,10 @@ class Scheduler:
 
     def _post(self, op: str, task: Task, arg: ExitReason | float | None) -> None:
         self._inbox.append((op, task, arg))
-        if self._sleeping:  # read after the append: a scheduler about to sleep re-checks the inbox
+        # Read after the append: a scheduler about to sleep re-checks the inbox. One signal per sleep
+        # is enough (a burst of starts costs one eventfd write, not one each).
+        if self._sleeping and not self._signaled:
+            self._signaled = True
             self._signal()
 
     def _signal(self) -> None:
@@ -111,7 +120,7 @@ class Scheduler:
         task.wait_seq += 1
         task.ready_flag.clear()
         if deadline is not None:
-            heapq.heappush(self._timers, (deadline, next(self._order), task.wait_seq, task))
+            self._add_timer(deadline, task.wait_seq, task.id)
         if fd is not None:
             waiters = self._fd_waiters.get(fd)
             if waiters is None:
@@ -119,6 +128,23 @@ class Scheduler:
                 self._epoll.register(fd, select.EPOLLOUT if writable else select.EPOLLIN)
             else:
                 waiters.append((task.wait_seq, task))
+
+    def sleep_until(self, task: Task, deadline: float) -> None:
+        """:meth:`suspend` with only a deadline (a guest's sleep: the hot path)."""
+        task.wait_seq = seq = task.wait_seq + 1
+        MEMORY[task.ready_flag.address] = 0
+        entries = self._timer_entries
+        while deadline in entries:  # due times are keys: a tie moves to the next float
+            deadline = math.nextafter(deadline, math.inf)
+        entries[deadline] = (seq, task.id)
+        heapq.heappush(self._timers, deadline)
+
+    def _add_timer(self, deadline: float, seq: int, task_id: int) -> None:
+        entries = self._timer_entries
+        while deadline in entries:
+            deadline = math.nextafter(deadline, math.inf)
+        entries[deadline] = (seq, task_id)
+        heapq.heappush(self._timers, deadline)
 
     def release_fd(self, fd: int) -> None:
         """Forget every wait on ``fd`` before its owner closes it."""
@@ -136,7 +162,7 @@ class Scheduler:
                 self._wait_for_events()
         finally:
             self._drain_inbox()
-            for task in list(self._tasks):
+            for task in list(self._tasks.values()):
                 task.abort(ExitReason.KILLED)
             self._epoll.close()
             os.close(self._wake_fd)
@@ -145,33 +171,37 @@ class Scheduler:
         while self._inbox:
             op, task, arg = self._inbox.popleft()
             if op == "start":
-                self._tasks.add(task)
+                self._tasks[task.id] = task
                 self._runnable.append((task, 0.0))
                 if isinstance(arg, (int, float)):  # GuestSpec.timeout: an int of seconds is fine too
-                    heapq.heappush(self._timers, (time.monotonic() + arg, next(self._order), _TIMEOUT, task))
-            elif task in self._tasks and isinstance(arg, ExitReason):
+                    self._add_timer(time.monotonic() + arg, _TIMEOUT, task.id)
+            elif self._tasks.get(task.id) is task and isinstance(arg, ExitReason):
                 self._reap(task, arg)
 
     def _reap(self, task: Task, reason: ExitReason) -> None:
-        self._tasks.discard(task)
+        del self._tasks[task.id]
         self._reaped += 1
         task.abort(reason)
 
     def _wake_due_timers(self) -> None:
         now = time.monotonic()
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            due, _, seq, task = heapq.heappop(timers)
-            if task not in self._tasks:
+        timers, entries, tasks = self._timers, self._timer_entries, self._tasks
+        while timers and timers[0] <= now:
+            due = heapq.heappop(timers)
+            seq, task_id = entries.pop(due)
+            task = tasks.get(task_id)
+            if task is None:
                 continue
-            if seq == _TIMEOUT:
+            if seq == task.wait_seq:
+                flag = task.ready_flag.address
+                if not MEMORY[flag]:
+                    MEMORY[flag] = 1
+                    self._runnable.append((task, due))
+            elif seq == _TIMEOUT:
                 self._reap(task, ExitReason.TIMEOUT)
-            elif seq == task.wait_seq and not task.ready_flag.is_set():
-                task.ready_flag.set()
-                self._runnable.append((task, due))
 
     def _run_one(self, task: Task, due: float) -> None:
-        if task not in self._tasks:
+        if self._tasks.get(task.id) is not task:
             return
         if due and self.wake_lags is not None:
             self.wake_lags.append(time.monotonic() - due)
@@ -183,7 +213,7 @@ class Scheduler:
             self._reap(task, ExitReason.TRAPPED)
             return
         if finished:
-            self._tasks.discard(task)
+            del self._tasks[task.id]
             self._reaped += 1
         elif task.wait_seq == seq:  # no new wait registered: it yielded on an epoch tick
             self._runnable.append((task, 0.0))
@@ -193,11 +223,12 @@ class Scheduler:
         if self._runnable or self._inbox or self._stopping:
             timeout = 0.0
         elif self._timers:
-            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = max(0.0, self._timers[0] - time.monotonic())
         else:
             timeout = -1.0
         events = self._epoll.poll(timeout)
         self._sleeping = False
+        self._signaled = False  # cleared before the inbox is drained (next loop turn)
         for fd, _events in events:
             if fd == self._wake_fd:
                 with contextlib.suppress(BlockingIOError):
@@ -205,6 +236,6 @@ class Scheduler:
                 continue
             self._epoll.unregister(fd)
             for seq, task in self._fd_waiters.pop(fd, []):
-                if seq == task.wait_seq and not task.ready_flag.is_set() and task in self._tasks:
+                if seq == task.wait_seq and not task.ready_flag.is_set() and self._tasks.get(task.id) is task:
                     task.ready_flag.set()
                     self._runnable.append((task, 0.0))

@@ -14,13 +14,13 @@ import select
 import struct
 import time
 from collections.abc import Callable
-from ctypes import c_char, c_uint32, c_uint64, memmove, string_at
 from typing import Protocol
 
 import wasmtime
 
 from kwasm.runtime import ffi
-from kwasm.runtime.ffi import Continuation, HostCall, ReadyFlag
+from kwasm.runtime.cells import MEMORY, U32, U64, ReadyFlag
+from kwasm.runtime.ffi import Continuation, HostCall
 
 WASI = "wasi_snapshot_preview1"
 
@@ -36,6 +36,7 @@ SUBCLOCK_ABSTIME = 1
 
 _SUBSCRIPTION = struct.Struct("<QB7xIxxxxQQH6x")  # userdata, tag, clock id / fd, timeout, precision, flags
 _EVENT = struct.Struct("<QHB5xQH6x")  # userdata, errno, type, nbytes, flags
+_IOVEC = struct.Struct("<II")  # pointer, length
 _MAX_READ = 64 << 10
 #: Most iovecs one fd_read/fd_write may pass (Linux's IOV_MAX; readv(2)/writev(2) refuse more: EINVAL).
 _MAX_IOVS = 1024
@@ -59,13 +60,16 @@ class Waiter(Protocol):
     output_fds: dict[int, int] | None
     ready_flag: ReadyFlag
     #: Built-in ``fd_read`` / ``fd_write`` bound to the guest's memory, by name (made on first use).
-    builtins: dict[str, object]
+    builtins: dict[str, object] | None
 
     def memory_region(self) -> tuple[int, int]:
         """``(address, length)`` of the guest's linear memory."""
 
     def suspend(self, deadline: float | None, fd: int | None, *, writable: bool = False) -> None:
         """Sleep until ``deadline`` (monotonic seconds) or until ``fd`` is readable (writable if ``writable``)."""
+
+    def sleep_until(self, deadline: float) -> None:
+        """Sleep until ``deadline`` (monotonic seconds)."""
 
     def take_wakeup(self) -> bool:
         """True (once) if the scheduler has woken this guest since it suspended."""
@@ -141,7 +145,7 @@ class Shadows:
         if pointer + 8 > size:
             call.set_result(ERRNO_FAULT)
             return None
-        c_uint64.from_address(base + pointer).value = now
+        U64.pack_into(MEMORY, base + pointer, now)
         call.set_result(ERRNO_SUCCESS)
         return None
 
@@ -155,7 +159,7 @@ class Shadows:
     def poll_oneoff(self, call: HostCall) -> Continuation | ReadyFlag | None:
         """``poll_oneoff(in, out, nsubscriptions, *nevents)`` with clocks (relative, absolute) and fds."""
         guest = self._lookup(call.store_key())
-        sub_ptr, event_ptr, count, nevents_ptr = call.arg(0), call.arg(1), call.arg(2), call.arg(3)
+        sub_ptr, event_ptr, count, nevents_ptr = call.args4()
         base, size = guest.memory_region()
         if count == 0:
             call.set_result(ERRNO_INVAL)
@@ -165,17 +169,17 @@ class Shadows:
             return None
         call.set_result(ERRNO_SUCCESS)
         if count == 1:  # the common case (a plain sleep): no per-call objects
-            userdata, tag, clock, timeout, _precision, flags = _SUBSCRIPTION.unpack(string_at(base + sub_ptr, 48))
+            userdata, tag, clock, timeout, _precision, flags = _SUBSCRIPTION.unpack_from(MEMORY, base + sub_ptr)
             if tag == EVENT_CLOCK and clock in (CLOCK_MONOTONIC, CLOCK_REALTIME):
                 if flags & SUBCLOCK_ABSTIME:
                     timeout = max(0, timeout - (time.monotonic_ns() if clock else time.time_ns()))
-                _EVENT.pack_into((c_char * 32).from_address(base + event_ptr), 0, userdata, 0, EVENT_CLOCK, 0, 0)
-                c_uint32.from_address(base + nevents_ptr).value = 1
+                _EVENT.pack_into(MEMORY, base + event_ptr, userdata, 0, EVENT_CLOCK, 0, 0)
+                U32.pack_into(MEMORY, base + nevents_ptr, 1)
                 if timeout == 0:
                     return None
-                guest.suspend(time.monotonic() + timeout / 1e9, None)
+                guest.sleep_until(time.monotonic() + timeout / 1e9)
                 return guest.ready_flag
-        raw = string_at(base + sub_ptr, 48 * count)
+        raw = bytes(MEMORY[base + sub_ptr : base + sub_ptr + 48 * count])
         subs = [Subscription(raw[48 * i : 48 * i + 48]) for i in range(count)]
         if all(sub.tag == EVENT_CLOCK and not sub.error for sub in subs):
             # Only clocks: which subscriptions fire is known now (the earliest, and any tied with it),
@@ -183,8 +187,8 @@ class Shadows:
             first = min(sub.deadline for sub in subs)
             fired = [_EVENT.pack(sub.userdata, 0, EVENT_CLOCK, 0, 0) for sub in subs if sub.deadline <= first]
             data = b"".join(fired)
-            memmove(base + event_ptr, data, len(data))
-            c_uint32.from_address(base + nevents_ptr).value = len(fired)
+            MEMORY[base + event_ptr : base + event_ptr + len(data)] = data
+            U32.pack_into(MEMORY, base + nevents_ptr, len(fired))
             if first <= time.monotonic():
                 return None
             guest.suspend(first, None)
@@ -196,8 +200,8 @@ class Shadows:
                 guest.suspend(*self._wait_for(guest, subs))
                 return False
             data = b"".join(events)
-            memmove(base + event_ptr, data, len(data))
-            c_uint32.from_address(base + nevents_ptr).value = len(events)
+            MEMORY[base + event_ptr : base + event_ptr + len(data)] = data
+            U32.pack_into(MEMORY, base + nevents_ptr, len(events))
             return True
 
         if complete():
@@ -232,6 +236,8 @@ class Shadows:
 
     def _call_builtin(self, call: HostCall, guest: Waiter, name: str) -> None:
         """Serve ``call`` with wasmtime's built-in ``name`` (for the fds the shadow does not handle)."""
+        if guest.builtins is None:
+            guest.builtins = {}
         func = guest.builtins.get(name)
         if func is None:  # once per guest: every adapter instance lives as long as the store
             func = guest.builtins[name] = call.builtin(self._engine, self._builtin, self._adapters[name], name)
@@ -245,10 +251,7 @@ class Shadows:
             return ERRNO_INVAL
         if iovs + 8 * iovs_len > size or count_ptr + 4 > size:
             return ERRNO_FAULT
-        vectors = [
-            (c_uint32.from_address(base + iovs + 8 * i).value, c_uint32.from_address(base + iovs + 8 * i + 4).value)
-            for i in range(iovs_len)
-        ]
+        vectors = list(_IOVEC.iter_unpack(MEMORY[base + iovs : base + iovs + 8 * iovs_len]))
         if any(ptr + length > size for ptr, length in vectors):
             return ERRNO_FAULT
         return vectors
@@ -284,9 +287,9 @@ class Shadows:
             offset = 0
             for ptr, length in vectors:
                 chunk = data[offset : offset + length]
-                memmove(base + ptr, chunk, len(chunk))
+                MEMORY[base + ptr : base + ptr + len(chunk)] = chunk
                 offset += len(chunk)
-            c_uint32.from_address(base + nread_ptr).value = len(data)
+            U32.pack_into(MEMORY, base + nread_ptr, len(data))
             call.set_result(ERRNO_SUCCESS)
             return True
 
@@ -318,7 +321,7 @@ class Shadows:
             call.set_result(vectors)
             return None
         # Copied now: the guest's memory cannot change while it waits, but this keeps no pointer into it.
-        data = memoryview(b"".join(string_at(base + ptr, length) for ptr, length in vectors if length))
+        data = memoryview(b"".join(MEMORY[base + ptr : base + ptr + length] for ptr, length in vectors if length))
         written = 0
 
         def attempt() -> bool:
@@ -334,7 +337,7 @@ class Shadows:
                     errno = ERRNO_PIPE if isinstance(exc, BrokenPipeError) else ERRNO_IO
                     break
             if written or not errno:
-                c_uint32.from_address(base + nwritten_ptr).value = written
+                U32.pack_into(MEMORY, base + nwritten_ptr, written)
                 errno = ERRNO_SUCCESS
             call.set_result(errno)
             return True
