@@ -208,11 +208,7 @@ class Guest:
 
 
 class Engine:
-    """One wasmtime engine and its scheduler threads; starts, tracks and kills guests.
-
-    With ``immutable_modules`` a module path, once loaded, is never checked again (no ``stat`` per
-    start): for callers whose module files never change in place, such as a content-addressed store.
-    """
+    """One wasmtime engine and its scheduler threads; starts, tracks and kills guests."""
 
     def __init__(
         self,
@@ -220,14 +216,10 @@ class Engine:
         threads: int | None = None,
         cache_dir: Path | None = None,
         settings: EngineSettings | None = None,
-        immutable_modules: bool = False,
     ) -> None:
         self.settings = settings or EngineSettings()
         self._lock = threading.Lock()
         self._pre_lock = threading.Lock()
-        # Module files never change once loaded (content-addressed stores): skip the per-start stat.
-        self._immutable = immutable_modules
-        self._by_path: dict[str, _Loaded] = {}
         self._wasm = ffi.new_engine(self.settings)
         self.cache = ModuleCache(self._wasm, self.settings, cache_dir or default_cache_dir())
         self._guests: dict[int, Guest] = {}
@@ -277,10 +269,6 @@ class Engine:
         self._load(module)
 
     def _load(self, module: Path) -> _Loaded:
-        if self._immutable:
-            known = self._by_path.get(str(module))
-            if known is not None:
-                return known
         try:
             info = module.stat()
         except OSError as exc:
@@ -297,9 +285,7 @@ class Engine:
         loaded = _Loaded(compiled, digest)
         self._pre(loaded, _PLAIN, module)
         with self._lock:
-            loaded = self._modules.setdefault(key, loaded)
-            self._by_path[str(module)] = loaded
-            return loaded
+            return self._modules.setdefault(key, loaded)
 
     def _pre(self, loaded: _Loaded, kind: _LinkerKind, module: Path) -> ffi.InstancePre:
         pre = loaded.pres.get(kind)
@@ -374,4 +360,3 @@ class Engine:
                 for pre in loaded.pres.values():
                     pre.delete()
             self._modules.clear()
-            self._by_path.clear()
