@@ -15,7 +15,7 @@ from kwasm.api import sandbox_pb2, shim_pb2
 from kwasm.sandboxer.client import SandboxerClient, TaskClient
 from kwasm.sandboxer.density import start_pod
 from kwasm.sandboxer.launch import make_bundle, pod_config, running_sandboxer
-from kwasm.sandboxer.ttrpc import HEADER, encode_frame
+from kwasm.sandboxer.ttrpcframe import HEADER, encode_frame
 
 DEMO_WASM = Path(__file__).resolve().parents[1] / "examples" / "wasi-demo-app" / "wasi-demo-app.wasm"
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

@@ -14,7 +14,8 @@ import pytest
 from kwasm.api import ttrpc_pb2
 from kwasm.sandboxer import status
 from kwasm.sandboxer.status import StatusError
-from kwasm.sandboxer.ttrpc import HEADER, MESSAGE_LENGTH_MAX, TtrpcClient, TtrpcServer, encode_frame
+from kwasm.sandboxer.ttrpc import TtrpcClient, TtrpcServer
+from kwasm.sandboxer.ttrpcframe import HEADER, MESSAGE_LENGTH_MAX, encode_frame
 
 SERVICE = "test.Echo"
 

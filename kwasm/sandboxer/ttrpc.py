@@ -1,4 +1,4 @@
-"""ttrpc over a unix socket, written on asyncio: the framing, a server and a client.
+"""ttrpc over a unix socket on asyncio: a server and a client (framing in :mod:`.ttrpcframe`).
 
 A frame is a 10-byte header (``length u32 BE | stream_id u32 BE | type u8 | flags u8``) followed by
 ``length`` bytes. A request frame (type 1) carries a ``ttrpc.Request``; the answer on the same stream
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -28,23 +27,22 @@ from kwasm.sandboxer.status import (
     UNIMPLEMENTED,
     StatusError,
 )
+from kwasm.sandboxer.ttrpcframe import (
+    HEADER,
+    MESSAGE_LENGTH_MAX,
+    TYPE_REQUEST,
+    TYPE_RESPONSE,
+    encode_frame,
+    socket_path,
+)
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct(">IIBB")
-MESSAGE_LENGTH_MAX = 4 << 20
 #: Larger frames are not even drained: the connection is closed (it cannot be a ttrpc peer).
 DISCARD_LIMIT = 64 << 20
-TYPE_REQUEST = 1
-TYPE_RESPONSE = 2
 
 #: A method handler: request payload bytes in, response payload bytes out (or StatusError).
 Handler = Callable[[bytes], Awaitable[bytes]]
-
-
-def encode_frame(stream_id: int, message_type: int, payload: bytes) -> bytes:
-    """One frame: header plus payload."""
-    return HEADER.pack(len(payload), stream_id, message_type, 0) + payload
 
 
 def _response(stream_id: int, code: int, message: str, payload: bytes = b"") -> bytes:
@@ -223,10 +221,7 @@ class TtrpcClient(asyncio.Protocol):
     @classmethod
     async def connect(cls, path: Path | str) -> TtrpcClient:
         """Connect to ``path`` (a plain path, ``unix://`` or ``ttrpc+unix://`` address)."""
-        address = str(path)
-        for prefix in ("ttrpc+unix://", "unix://"):
-            address = address.removeprefix(prefix)
-        _transport, client = await asyncio.get_running_loop().create_unix_connection(cls, address)
+        _transport, client = await asyncio.get_running_loop().create_unix_connection(cls, socket_path(path))
         return client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

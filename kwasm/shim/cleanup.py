@@ -1,13 +1,17 @@
-"""``delete`` for a task the sandboxer still holds: kill it, wait briefly, delete it, over the Task API."""
+"""``delete`` for a task the sandboxer still holds: kill it, wait briefly, delete it, over the Task API.
+
+Blocking calls on one connection (:class:`~kwasm.sandboxer.ttrpcframe.BlockingTtrpcClient`): this runs
+in the short-lived ``containerd-shim-kwasm-v1 delete`` process, where importing asyncio alone would cost
+more than the three calls.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 from kwasm.api import shim_pb2
 from kwasm.sandboxer.status import StatusError
-from kwasm.sandboxer.ttrpc import TtrpcClient
+from kwasm.sandboxer.ttrpcframe import BlockingTtrpcClient
 from kwasm.shim.layout import NamespaceLayout
 
 SERVICE = "containerd.task.v2.Task"
@@ -16,29 +20,20 @@ SIGKILL = 9
 CALL_TIMEOUT = 5.0
 
 
-async def _delete(layout: NamespaceLayout, task_id: str) -> shim_pb2.DeleteResponse | None:
-    client = await TtrpcClient.connect(layout.socket)
-    try:
-        kill = shim_pb2.KillRequest(id=task_id, signal=SIGKILL, all=True)
-        try:
-            await client.call(SERVICE, "Kill", kill.SerializeToString(), CALL_TIMEOUT)
-        except StatusError:
-            return None  # the sandboxer no longer has the task
-        with contextlib.suppress(StatusError, TimeoutError):
-            await client.call(SERVICE, "Wait", shim_pb2.WaitRequest(id=task_id).SerializeToString(), CALL_TIMEOUT)
-        payload = await client.call(
-            SERVICE, "Delete", shim_pb2.DeleteRequest(id=task_id).SerializeToString(), CALL_TIMEOUT
-        )
-        response = shim_pb2.DeleteResponse()
-        response.ParseFromString(payload)
-        return response
-    finally:
-        await client.close()
-
-
 def delete_in_sandboxer(layout: NamespaceLayout, task_id: str) -> shim_pb2.DeleteResponse | None:
     """The DeleteResponse of ``task_id`` after killing and deleting it; None when the sandboxer lacks it."""
     try:
-        return asyncio.run(_delete(layout, task_id))
-    except (OSError, StatusError):
+        client = BlockingTtrpcClient(layout.socket, CALL_TIMEOUT)
+    except OSError:
         return None
+    try:
+        kill = shim_pb2.KillRequest(id=task_id, signal=SIGKILL, all=True)
+        client.call(SERVICE, "Kill", kill.SerializeToString())
+        with contextlib.suppress(StatusError, TimeoutError):
+            client.call(SERVICE, "Wait", shim_pb2.WaitRequest(id=task_id).SerializeToString())
+        payload = client.call(SERVICE, "Delete", shim_pb2.DeleteRequest(id=task_id).SerializeToString())
+        return shim_pb2.DeleteResponse.FromString(payload)
+    except (OSError, StatusError):
+        return None  # the sandboxer no longer has the task, or went away
+    finally:
+        client.close()
