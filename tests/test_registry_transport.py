@@ -322,6 +322,10 @@ def test_https_goes_through_a_connect_tunnel(kwasm: KwasmRunner, kwasm_root: Pat
         ("https", "10.1.2.3:5000", {"HTTPS_PROXY": "p:1", "NO_PROXY": "10.0.0.0/8"}, None),
         ("https", "ghcr.io", {"HTTPS_PROXY": "p:1", "NO_PROXY": "*"}, None),
         ("https", "[::1]:5000", {"HTTPS_PROXY": "p:1"}, None),  # loopback: never proxied
+        ("https", "[2001:db8::1]:5000", {"HTTPS_PROXY": "p:1", "NO_PROXY": "[2001:db8::1]:5000"}, None),
+        ("https", "[2001:db8::1]:5000", {"HTTPS_PROXY": "p:1", "NO_PROXY": "[2001:db8::1]:5001"}, "p:1"),
+        ("https", "[2001:db8::1]:5000", {"HTTPS_PROXY": "p:1", "NO_PROXY": "[2001:db8::1], x"}, None),
+        ("https", "[2001:db8::1]:5000", {"HTTPS_PROXY": "p:1", "NO_PROXY": "2001:db8::/32"}, None),
     ],
 )
 def test_proxy_choice_follows_the_environment(

@@ -6,11 +6,14 @@ import time counts: oras-py on ``requests`` cost ~0.2 s to import, and even ``ht
 just the HTTP/1.1 a registry needs and imports ``ssl`` only for HTTPS:
 
 * one keep-alive connection per host, reused for every request (a connection the server closed
-  while idle is reopened once, for requests whose body can be sent again);
+  while idle is reopened once, for idempotent requests whose body can be sent again);
 * request bodies as bytes, or sent from a file with ``sendfile(2)`` in 1 MiB blocks (progress per block);
 * response bodies framed by ``Content-Length``, ``chunked`` transfer coding or connection close,
   read whole or streamed; a response not read to its end closes its connection;
-* redirects followed for GET and HEAD (``Authorization`` is dropped when the host changes);
+* redirects followed for GET and HEAD (``Authorization`` is dropped when the scheme, host or port
+  changes; a redirect from HTTPS to plain HTTP is refused);
+* the answer parsed strictly (digits-only ``Content-Length`` and chunk sizes, bounded lines, header
+  counts, 1xx answers and trailers), and no header with a line break or NUL is ever sent;
 * HTTP proxies from the environment (:mod:`kwasm.image.proxy`);
 * a connect timeout and a read timeout; TLS verified against the system CA store unless
   ``verify=False``; every transport failure becomes one :class:`~kwasm.errors.RegistryError` line.
@@ -26,19 +29,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from kwasm.errors import RegistryError, RegistryUnreachableError
-from kwasm.image.proxy import Proxy, proxy_for
+from kwasm.image.proxy import CONNECT_TIMEOUT, Proxy, open_tcp, proxy_for
 
 if TYPE_CHECKING:
     import ssl
 
-CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 120.0
 BLOCK_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
 MAX_LINE = 64 * 1024
 MAX_HEADERS = 200
+MAX_INTERIM = 10  # 1xx answers before the final one
 _DRAIN_BYTES = 64 * 1024
 _REDIRECTS = {301, 302, 303, 307, 308}
+_RETRIED = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}  # idempotent: safe to send again on a fresh connection
+_HEX = b"0123456789abcdefABCDEF"
 
 
 class _Stale(ConnectionError):
@@ -71,25 +76,6 @@ class FileBody:
 Body = bytes | FileBody | None
 
 
-def _connect(host: str, port: int) -> socket.socket:
-    """A TCP connection to the first address of ``host`` that accepts (``socket.create_connection``'s rule).
-
-    An ASCII host goes to getaddrinfo as bytes: a str would make it import the idna codec (~2 ms).
-    """
-    error: OSError | None = None
-    name: str | bytes = host.encode() if host.isascii() else host
-    for family, kind, proto, _, address in socket.getaddrinfo(name, port, 0, socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(CONNECT_TIMEOUT)
-            sock.connect(address)
-            return sock
-        except OSError as exc:
-            sock.close()
-            error = exc
-    raise error or OSError(f"no address for {host}")
-
-
 class _Connection:
     """One TCP (or TLS) connection to ``netloc``, maybe through a proxy, with a buffered reader for responses."""
 
@@ -97,16 +83,8 @@ class _Connection:
         parts = urllib.parse.urlsplit(f"//{netloc}")
         host = parts.hostname or netloc
         port = parts.port or (443 if context is not None else 80)
+        sock = open_tcp(host, port, proxy, netloc, tunnel=context is not None)
         try:
-            sock = _connect(proxy.host, proxy.port) if proxy else _connect(host, port)
-        except OSError as exc:
-            if proxy is None:
-                raise
-            raise RegistryUnreachableError(f"cannot reach the proxy {proxy.label} for registry {netloc}") from exc
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if proxy is not None and context is not None:
-                proxy.tunnel(sock, f"{host}:{port}")
             if context is not None:
                 sock = context.wrap_socket(sock, server_hostname=host)
             sock.settimeout(READ_TIMEOUT)
@@ -124,32 +102,42 @@ class _Connection:
         self.reader.close()
         self.sock.close()
 
-    def readline(self) -> bytes:
-        """One line of the status line or headers, at most :data:`MAX_LINE` bytes."""
+    def dropped(self) -> bool:
+        """Whether the server closed this idle connection: it is readable (EOF, or bytes nobody asked for)."""
+        import select  # already loaded by ``socket`` (through ``selectors``): free here
+
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def readline(self, what: str = "header line") -> bytes:
+        """One line of the status line, headers or chunk framing, at most :data:`MAX_LINE` bytes."""
         line = self.reader.readline(MAX_LINE + 1)
         if len(line) > MAX_LINE:
-            raise _Malformed("header line longer than 64 KiB")
+            raise _Malformed(f"{what} longer than 64 KiB")
         return line
 
 
 class Response:
     """Status, headers and the (unread) body of one HTTP response."""
 
-    def __init__(self, session: Session, key: tuple[str, str], conn: _Connection, method: str) -> None:
+    def __init__(self, session: Session, key: tuple[str, str], conn: _Connection, method: str, url: str) -> None:
         self._session = session
         self._key = key
         self._conn: _Connection | None = conn
+        self.url = url  # the URL that answered: after redirects, the last one
         self.status, self.reason, self.headers, keep_alive = _read_head(conn)
-        self._keep_alive = keep_alive
-        self._chunked = "chunked" in self.header("Transfer-Encoding").lower()
+        codings = [token.strip().lower() for value in self.headers.get("transfer-encoding", [])
+                   for token in value.split(",")]  # fmt: skip
+        lengths = {token.strip() for value in self.headers.get("content-length", []) for token in value.split(",")}
+        self._keep_alive = keep_alive and not (codings and lengths)  # both framings: trust neither afterwards
+        self._chunked = codings[-1:] == ["chunked"]  # any other last coding: the body ends with the connection
         self._remaining: int | None = None  # bytes left of a Content-Length body; None: chunked or until close
         if method == "HEAD" or self.status in (204, 304):
             self._remaining = 0
-        elif not self._chunked and self.header("Content-Length"):
-            try:
-                self._remaining = int(self.header("Content-Length"))
-            except ValueError as exc:
-                raise _Malformed(f"Content-Length {self.header('Content-Length')!r}") from exc
+        elif not codings and lengths:
+            length = lengths.pop() if len(lengths) == 1 else ""
+            if not (length.isascii() and length.isdigit()):
+                raise _Malformed(f"Content-Length {', '.join(self.headers['content-length'])!r}")
+            self._remaining = int(length)
         if self._remaining is None and not self._chunked:
             self._keep_alive = False  # the body ends when the server closes the connection
         self._chunk_left = 0
@@ -176,22 +164,25 @@ class Response:
         reader = self._conn.reader
         if self._chunked:
             if self._chunk_left == 0:
-                line = self._conn.readline()
-                try:
-                    self._chunk_left = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError as exc:
-                    raise _Malformed(f"chunk size line {line[:40]!r}") from exc
+                line = self._conn.readline("chunk size line")
+                digits = line.split(b";", 1)[0].strip()
+                if not digits or len(digits) > 16 or digits.strip(_HEX):
+                    raise _Malformed(f"chunk size line {line[:40]!r}")
+                self._chunk_left = int(digits, 16)
                 if self._chunk_left == 0:
-                    while self._conn.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
+                    for _ in range(MAX_HEADERS + 1):
+                        if self._conn.readline() in (b"\r\n", b"\n", b""):
+                            break  # the end of the trailers
+                    else:
+                        raise _Malformed(f"more than {MAX_HEADERS} trailer lines")
                     self._done = True
                     return b""
             data = reader.read(min(size, self._chunk_left))
             if not data:
                 raise _Malformed("connection closed inside a chunk")
             self._chunk_left -= len(data)
-            if self._chunk_left == 0:
-                reader.readline()  # the CRLF after the chunk data
+            if self._chunk_left == 0 and self._conn.readline("chunk end") != b"\r\n":
+                raise _Malformed("chunk data not followed by CRLF")
             return data
         if self._remaining is None:
             data = reader.read1(size)
@@ -241,13 +232,13 @@ class Response:
 
 def _read_head(conn: _Connection) -> tuple[int, str, dict[str, list[str]], bool]:
     """Status, reason, headers (lower-case names) and keep-alive of the next final response on ``conn``."""
-    while True:
+    for _ in range(MAX_INTERIM + 1):
         line = conn.readline()
         if not line:
             raise _Stale("the server closed the connection without answering")
         version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
         code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or not code.isdigit() or len(code) != 3:
+        if not version.startswith("HTTP/1.") or not (code.isascii() and code.isdigit()) or len(code) != 3:
             raise _Malformed(f"status line {line[:60]!r}")
         headers: dict[str, list[str]] = {}
         for _ in range(MAX_HEADERS + 1):
@@ -262,6 +253,8 @@ def _read_head(conn: _Connection) -> tuple[int, str, dict[str, list[str]], bool]
             raise _Malformed(f"more than {MAX_HEADERS} headers")
         if not 100 <= int(code) < 200:
             break  # 1xx answers (100 Continue) precede the real one
+    else:
+        raise _Malformed(f"more than {MAX_INTERIM} interim (1xx) answers")
     tokens = {token.strip().lower() for value in headers.get("connection", []) for token in value.split(",")}
     keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
     return int(code), reason, headers, keep_alive
@@ -292,7 +285,9 @@ class Session:
         """An idle connection for ``key``, else a new one."""
         conn = self._idle.pop(key, None)
         if conn is not None:
-            return conn
+            if not conn.dropped():
+                return conn
+            conn.close()  # closed while idle: noticed before sending, so even a POST can go on a fresh one
         scheme, netloc = key
         return _Connection(netloc, self._tls_context() if scheme == "https" else None, proxy_for(scheme, netloc))
 
@@ -319,8 +314,12 @@ class Session:
                 return response
             response.close()
             target = urllib.parse.urljoin(url, location)
-            if urllib.parse.urlsplit(target).netloc != urllib.parse.urlsplit(url).netloc:
-                headers.pop("Authorization", None)
+            here, there = urllib.parse.urlsplit(url), urllib.parse.urlsplit(target)
+            if there.scheme not in (("https",) if here.scheme == "https" else ("http", "https")):
+                raise RegistryError(f"registry {here.netloc} redirected to {there.scheme}://{there.netloc}: "
+                                    f"refused (a redirect may not leave HTTPS)")  # fmt: skip
+            if _origin(here) != _origin(there):  # credentials go to the origin they were meant for only
+                headers = {name: value for name, value in headers.items() if name.lower() != "authorization"}
             url = target
         raise RegistryError(f"too many redirects from {urllib.parse.urlsplit(url).netloc}")
 
@@ -332,6 +331,7 @@ class Session:
         fields = {"Host": parts.netloc, "User-Agent": self._user_agent, **headers}
         if body is not None or method in ("POST", "PUT", "PATCH"):
             fields["Content-Length"] = str(length)
+        _check_fields(parts.netloc, target, fields)
         request = (method, target, url, fields)
         waited = CONNECT_TIMEOUT
         try:
@@ -340,7 +340,7 @@ class Session:
             try:
                 return self._exchange(conn, key, request, body)
             except (_Stale, ConnectionResetError, BrokenPipeError):
-                if not conn.served or isinstance(body, FileBody):
+                if not conn.served or isinstance(body, FileBody) or method not in _RETRIED:
                     raise
             waited = CONNECT_TIMEOUT  # the server closed the idle connection: one fresh try
             conn = self._connection(key)
@@ -372,14 +372,35 @@ class Session:
         lines = [f"{method} {target} HTTP/1.1\r\n", *(f"{k}: {v}\r\n" for k, v in fields.items()), "\r\n"]
         head = "".join(lines).encode("latin-1")
         try:
+            early = False
             if isinstance(body, FileBody):
                 conn.sock.sendall(head)
-                body.send(conn.sock)
+                try:
+                    body.send(conn.sock)
+                except (BrokenPipeError, ConnectionResetError):
+                    early = True  # the server answered (401, 413, ...) and closed before taking the whole body
             else:
                 conn.sock.sendall(head + (body or b""))
-            response = Response(self, key, conn, method)
+            response = Response(self, key, conn, method, url)
+            response._keep_alive = response._keep_alive and not early
         except BaseException:
             conn.close()
             raise
         conn.served += 1
         return response
+
+
+def _origin(parts: urllib.parse.SplitResult) -> tuple[str, str]:
+    """Scheme and lower-case ``host[:port]`` of a URL, without its scheme's default port."""
+    return parts.scheme, parts.netloc.lower().removesuffix(":443" if parts.scheme == "https" else ":80")
+
+
+def _check_fields(netloc: str, target: str, fields: Mapping[str, str]) -> None:
+    """Refuse a request whose target or headers would break out of their line (CR, LF, NUL)."""
+    if any(char in target for char in " \r\n\0"):
+        raise RegistryError(f"request to registry {netloc} not sent: path {target[:60]!r} has a space or line break")
+    for name, value in fields.items():
+        if not name or any(char in name for char in ": \t\r\n\0"):
+            raise RegistryError(f"request to registry {netloc} not sent: {name!r} is not a header name")
+        if any(char in value for char in "\r\n\0"):
+            raise RegistryError(f"request to registry {netloc} not sent: header {name!r} has a line break or NUL")

@@ -1,4 +1,5 @@
-"""HTTP proxies for registry traffic, taken from the environment as curl, requests and Docker take them.
+"""HTTP proxies for registry traffic, taken from the environment as curl, requests and Docker take them,
+and the TCP connection to a registry, direct or through its proxy (:func:`open_tcp`).
 
 ``HTTPS_PROXY`` (or ``https_proxy``) for HTTPS registries, ``HTTP_PROXY`` (``http_proxy``) for plain
 HTTP ones, ``ALL_PROXY`` (``all_proxy``) for both; ``NO_PROXY`` (``no_proxy``) lists hosts, domains
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from kwasm.errors import RegistryUnreachableError
 
 MAX_REPLY = 16 * 1024
+CONNECT_TIMEOUT = 10.0
 
 
 def is_loopback(host: str) -> bool:
@@ -74,10 +76,16 @@ def _bypassed(host: str, port: int, no_proxy: str) -> bool:
         entry = raw.strip().lower()
         if entry == "*":
             return True
-        entry_host, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry.startswith("["):  # [v6] or [v6]:port
+            entry_host, _, entry_port = entry[1:].partition("]")
+            entry_port = entry_port.removeprefix(":")
+        elif entry.count(":") == 1:  # host:port (a bare IPv6 address has more colons)
+            entry_host, _, entry_port = entry.rpartition(":")
+        else:
+            entry_host, entry_port = entry, ""
         if not entry_host or (entry_port and entry_port != str(port)):
             continue
-        entry_host = entry_host.strip("[]").lstrip("*").lstrip(".")
+        entry_host = entry_host.lstrip("*").lstrip(".")
         if "/" in entry_host:
             try:
                 if ipaddress.ip_address(host) in ipaddress.ip_network(entry_host, strict=False):
@@ -114,3 +122,40 @@ def proxy_for(scheme: str, netloc: str, environ: Mapping[str, str] = os.environ)
         pair = f"{urllib.parse.unquote(url.username)}:{urllib.parse.unquote(url.password or '')}"
         authorization = "Basic " + base64.b64encode(pair.encode()).decode()
     return Proxy(url.hostname, port, authorization, f"http://{url.hostname}:{port} (${variable})")
+
+
+def _connect(host: str, port: int) -> socket.socket:
+    """A TCP connection to the first address of ``host`` that accepts (``socket.create_connection``'s rule).
+
+    An ASCII host goes to getaddrinfo as bytes: a str would make it import the idna codec (~2 ms).
+    """
+    error: OSError | None = None
+    name: str | bytes = host.encode() if host.isascii() else host
+    for family, kind, proto, _, address in socket.getaddrinfo(name, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError(f"no address for {host}")
+
+
+def open_tcp(host: str, port: int, proxy: Proxy | None, netloc: str, *, tunnel: bool) -> socket.socket:
+    """A TCP connection to ``host:port`` (registry ``netloc``), direct or to ``proxy``, tunnelled if ``tunnel``."""
+    try:
+        sock = _connect(proxy.host, proxy.port) if proxy else _connect(host, port)
+    except OSError as exc:
+        if proxy is None:
+            raise
+        raise RegistryUnreachableError(f"cannot reach the proxy {proxy.label} for registry {netloc}") from exc
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if proxy is not None and tunnel:
+            proxy.tunnel(sock, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")  # IPv6 in brackets
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -9,7 +9,9 @@ more start-up time than the transfer itself. What it does:
 * the auth scheme picked from the registry's challenge: ``Basic`` → the stored credentials,
   ``Bearer`` → a token from the ``realm`` of the challenge for its ``service`` and ``scope``
   (with the credentials as basic auth, or anonymously), fetched again for each new scope;
-* credentials from the Docker config (:mod:`kwasm.image.auth`), sent only to the registry's host;
+* credentials from the Docker config (:mod:`kwasm.image.auth`), sent only to the registry's own
+  scheme and host, a challenge answered only when the registry itself (not a redirect target) sent
+  it, and never a token request to a plain-HTTP realm for an HTTPS registry;
 * HTTP proxies from the environment (:mod:`kwasm.image.proxy`);
 * no silent retries and timeouts on every request;
 * every failure becomes one :class:`~kwasm.errors.RegistryError` line.
@@ -122,12 +124,11 @@ class RegistryClient:
 
     def _request(self, method: str, url: str, headers: dict[str, str] | None = None, body: Body = None) -> Response:
         """Send one request; answer one authentication challenge (basic or bearer) and send it again."""
-        to_registry = urllib.parse.urlsplit(url).netloc == self._api_host
         headers = headers or {}
-        auth = self._authorization() if to_registry else {}
+        auth = self._authorization() if self._is_registry(url) else {}
         response = self._session.request(method, url, {**headers, **auth}, body)
-        if response.status != 401 or not to_registry:
-            return response
+        if response.status != 401 or not self._is_registry(response.url):
+            return response  # a 401 from a redirect target: its realm is not trusted with the credentials
         scheme, params = parse_challenge(response.header("WWW-Authenticate"))
         if scheme == "bearer":
             response.close()  # frees the connection (the token service may live on the same host)
@@ -142,13 +143,20 @@ class RegistryClient:
             return response
         return self._session.request(method, url, {**headers, **self._authorization()}, body)
 
+    def _is_registry(self, url: str) -> bool:
+        """Whether ``url`` is on the registry's API host, with the scheme the client speaks to it."""
+        return urllib.parse.urlsplit(url)[:2] == urllib.parse.urlsplit(self._base)[:2]
+
     def _fetch_token(self, challenge: dict[str, str]) -> str | None:
         """A bearer token from the challenge's realm (with the credentials, if any), or None if refused."""
         realm = challenge.get("realm")
         if not realm:
             return None
+        scheme = self._base.split("://", 1)[0]
         if "://" not in realm:
-            realm = f"{self._base.split('://', 1)[0]}://{realm}"
+            realm = f"{scheme}://{realm}"
+        if urllib.parse.urlsplit(realm).scheme not in (("https",) if scheme == "https" else ("http", "https")):
+            raise RegistryAuthError(f"registry {self.registry} names a token service that is not HTTPS: {realm}")
         query = urllib.parse.urlencode({key: challenge[key] for key in ("service", "scope") if challenge.get(key)})
         url = f"{realm}{'&' if '?' in realm else '?'}{query}" if query else realm
         headers = {"Accept": "application/json"}
@@ -189,6 +197,10 @@ class RegistryClient:
             return
         where = subject or self.registry
         detail = _error_detail(response.read())
+        if status in (401, 403) and not self._is_registry(response.url):  # a redirect target or upload host
+            host = urllib.parse.urlsplit(response.url).netloc
+            raise RegistryAuthError(f"{host} (not registry {self.registry} itself) answered {status} "
+                                    f"{response.reason}: cannot {action} {where}")  # fmt: skip
         if status == 401:
             if self.credentials is None:
                 raise RegistryAuthError(
@@ -282,4 +294,3 @@ class RegistryClient:
         headers = {"Content-Type": "application/octet-stream"}
         with path.open("rb") as handle, self._request("PUT", target, headers, FileBody(handle, size, advance)) as done:
             self._check(done, "push", f"blob {digest}")
-
