@@ -9,8 +9,12 @@ peer's INITIAL_WINDOW_SIZE and MAX_FRAME_SIZE are honoured); HEADERS and CONTINU
 ``hpack`` package); DATA with padding; flow control both ways; PING; RST_STREAM (cancels the call);
 GOAWAY; PRIORITY (ignored). A request is one length-prefixed message POSTed to ``/service/method``;
 the answer is HEADERS, DATA and trailers, or a Trailers-Only error. Unknown methods answer
-UNIMPLEMENTED, messages over 4 MiB RESOURCE_EXHAUSTED, compressed messages UNIMPLEMENTED. A peer
-that breaks HTTP/2 gets GOAWAY and is disconnected; the server keeps serving everyone else.
+UNIMPLEMENTED, messages over 4 MiB RESOURCE_EXHAUSTED, compressed messages UNIMPLEMENTED (INTERNAL
+without a ``grpc-encoding``). A peer that breaks HTTP/2 gets GOAWAY and is disconnected; the server
+keeps serving everyone else. What a connection may hold is bounded: streams (``MAX_STREAMS``, of
+which ``MAX_OPENING`` still receiving their request), bytes of unfinished requests
+(``BUFFERED_MAX``), time to say hello (``PREFACE_TIMEOUT``).
+Frames in are handled here; calls, answers and stream ends in :mod:`.grpcstreams`.
 """
 
 from __future__ import annotations
@@ -19,56 +23,35 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
-
-import hpack
-from google.protobuf.message import DecodeError
 
 from kwasm.sandboxer import h2frames as h2
-from kwasm.sandboxer.inline import drive
-from kwasm.sandboxer.status import (
-    INTERNAL,
-    INVALID_ARGUMENT,
-    RESOURCE_EXHAUSTED,
-    UNIMPLEMENTED,
-    StatusError,
-)
+from kwasm.sandboxer.grpcstreams import Handler, Stream, StreamEnds
+from kwasm.sandboxer.h2frames import ProtocolError, unpad
+from kwasm.sandboxer.status import INVALID_ARGUMENT, RESOURCE_EXHAUSTED
+
+__all__ = ["GrpcServer", "Handler"]
 
 log = logging.getLogger(__name__)
-#: Flags of a header block that ends a call.
-_LAST = h2.END_HEADERS | h2.END_STREAM
-
-#: A unary method: request message bytes in, response message bytes out (or StatusError).
-Handler = Callable[[bytes], Coroutine[Any, Any, bytes]]
-
-class _ProtocolError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _Stream:
-    """One request stream: its method, its body so far, the call serving it, output not yet sent."""
-
-    __slots__ = ("body", "call", "id", "path", "pending", "send_window")
-
-    def __init__(self, stream_id: int, send_window: int) -> None:
-        self.id = stream_id
-        self.path = b""
-        self.body = bytearray()
-        self.call: asyncio.Future[bytes] | None = None
-        self.send_window = send_window
-        self.pending: memoryview | None = None
+#: Streams a client may keep open (each pending Controller.Wait holds one, so one per sandbox).
+MAX_STREAMS = 1 << 18
+#: Streams whose request has not fully arrived; a client opening more is refused (REFUSED_STREAM).
+MAX_OPENING = 1000
+#: Bytes of unfinished requests a connection may hold; the request that goes past it fails.
+BUFFERED_MAX = 16 << 20
+#: Seconds a client has to send the HTTP/2 preface and its SETTINGS.
+PREFACE_TIMEOUT = 10.0
+#: Seconds :meth:`GrpcServer.close` lets calls in flight finish before answering them UNAVAILABLE.
+GRACE = 1.0
 
 
 class GrpcServer:
     """Serves registered unary methods (``/service/method``) on one unix socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, preface_timeout: float = PREFACE_TIMEOUT) -> None:
         self.handlers: dict[bytes, Handler] = {}
         self.connections: set[_Connection] = set()
+        self.preface_timeout = preface_timeout
         self._server: asyncio.AbstractServer | None = None
 
     def register(self, service: str, method: str, handler: Handler) -> None:
@@ -80,37 +63,48 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Connection(self), path=str(path))
 
-    async def close(self) -> None:
-        """Stop listening, say GOAWAY to every connection and cancel the calls in flight."""
+    async def close(self, grace: float = GRACE) -> None:
+        """Stop listening and say GOAWAY; calls in flight get ``grace`` seconds to finish, the rest
+        are answered UNAVAILABLE (a pending Wait included); then every connection is closed."""
         if self._server is not None:
             self._server.close()
+        for connection in self.connections:
+            connection.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while any(connection.streams for connection in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         for connection in list(self.connections):
-            connection.goaway(h2.NO_ERROR, "")
+            connection.shut()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(StreamEnds, asyncio.Protocol):
     """One client connection: frames in, frames out."""
 
     def __init__(self, server: GrpcServer) -> None:
         self.server = server
+        self.handlers = server.handlers
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.preface = False
-        self.decoder = hpack.Decoder(max_header_list_size=h2.HEADER_LIST_MAX)
-        self.decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        self.streams: dict[int, _Stream] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.decoder = h2.HeaderDecoder()
+        self.streams: dict[int, Stream] = {}
+        self.opening = 0
+        self.draining = False
         self.last_stream = 0
         self.block = bytearray()
-        self.block_stream: _Stream | None = None
+        self.block_stream: Stream | None = None
         self.block_flags = 0
         self.send_window = h2.DEFAULT_WINDOW
         self.peer_window = h2.DEFAULT_WINDOW
         self.peer_frame = h2.MAX_FRAME
+        self.buffered = 0
         self.unacked = 0
-        self.blocked: dict[int, _Stream] = {}
+        self.blocked: dict[int, Stream] = {}
 
     # ------------------------------------------------------------------ connection
 
@@ -118,18 +112,15 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.server.connections.add(self)
-        settings = struct.pack(
-            ">HIHIHI",
-            h2.SETTINGS_INITIAL_WINDOW_SIZE, h2.RECEIVE_WINDOW,
-            h2.SETTINGS_MAX_HEADER_LIST_SIZE, h2.HEADER_LIST_MAX,
-            h2.SETTINGS_MAX_CONCURRENT_STREAMS, 1 << 20,
-        )
-        update = struct.pack(">I", h2.RECEIVE_WINDOW - h2.DEFAULT_WINDOW)
-        transport.write(h2.frame(h2.SETTINGS, 0, 0, settings) + h2.frame(h2.WINDOW_UPDATE, 0, 0, update))
+        transport.write(h2.server_preface(MAX_STREAMS))
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.server.preface_timeout, self.goaway, h2.PROTOCOL_ERROR, "no preface")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
         for stream in self.streams.values():
             if stream.call is not None:
                 stream.call.cancel()
@@ -151,6 +142,12 @@ class _Connection(asyncio.Protocol):
             self.transport.write(h2.frame(h2.GOAWAY, 0, 0, payload))
             self.transport.close()
 
+    def drain(self) -> None:
+        """Say GOAWAY but keep serving the streams already opened; newer ones are refused."""
+        self.draining = True
+        if self.transport is not None:
+            self.transport.write(h2.frame(h2.GOAWAY, 0, 0, struct.pack(">II", self.last_stream, h2.NO_ERROR)))
+
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
@@ -158,10 +155,10 @@ class _Connection(asyncio.Protocol):
             if not self.preface:
                 if len(buffer) < len(h2.PREFACE):
                     if not h2.PREFACE.startswith(bytes(buffer)):
-                        raise _ProtocolError(h2.PROTOCOL_ERROR, "not an HTTP/2 client")
+                        raise ProtocolError(h2.PROTOCOL_ERROR, "not an HTTP/2 client")
                     return
                 if buffer[: len(h2.PREFACE)] != h2.PREFACE:
-                    raise _ProtocolError(h2.PROTOCOL_ERROR, "not an HTTP/2 client")
+                    raise ProtocolError(h2.PROTOCOL_ERROR, "not an HTTP/2 client")
                 del buffer[: len(h2.PREFACE)]
                 self.preface = True
             offset, size = 0, len(buffer)
@@ -169,14 +166,14 @@ class _Connection(asyncio.Protocol):
                 high, low, kind, flags, stream_id = h2.FRAME.unpack_from(buffer, offset)
                 length = high << 16 | low
                 if length > h2.MAX_FRAME:
-                    raise _ProtocolError(h2.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                    raise ProtocolError(h2.FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 if size - offset - 9 < length:
                     break
                 payload = bytes(buffer[offset + 9 : offset + 9 + length])
                 offset += 9 + length
                 self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
             del buffer[:offset]
-        except _ProtocolError as exc:
+        except ProtocolError as exc:
             log.debug("closing gRPC connection: %s", exc)
             self.buffer = bytearray()
             self.goaway(exc.code, str(exc))
@@ -185,44 +182,36 @@ class _Connection(asyncio.Protocol):
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self.block_stream is not None and kind != h2.CONTINUATION:
-            raise _ProtocolError(h2.PROTOCOL_ERROR, "header block interrupted")
+            raise ProtocolError(h2.PROTOCOL_ERROR, "header block interrupted")
         if kind == h2.DATA:
             self._data(flags, stream_id, payload)
         elif kind == h2.HEADERS:
             self._headers(flags, stream_id, payload)
         elif kind == h2.CONTINUATION:
             if self.block_stream is None or self.block_stream.id != stream_id:
-                raise _ProtocolError(h2.PROTOCOL_ERROR, "unexpected CONTINUATION")
+                raise ProtocolError(h2.PROTOCOL_ERROR, "unexpected CONTINUATION")
             self._header_fragment(flags, payload)
         elif kind == h2.SETTINGS:
             self._settings(flags, stream_id, payload)
         elif kind == h2.WINDOW_UPDATE:
             self._window_update(stream_id, payload)
         elif kind == h2.PING:
-            if len(payload) != 8:
-                raise _ProtocolError(h2.FRAME_SIZE_ERROR, "PING is not 8 bytes")
+            h2.check_control(kind, stream_id, payload, self.last_stream)
             if not flags & h2.ACK and self.transport is not None:
                 self.transport.write(h2.frame(h2.PING, h2.ACK, 0, payload))
         elif kind == h2.RST_STREAM:
-            stream = self.streams.pop(stream_id, None)
-            self.blocked.pop(stream_id, None)
-            if stream is not None and stream.call is not None:
-                stream.call.cancel()
+            h2.check_control(kind, stream_id, payload, self.last_stream)
+            if (stream := self.streams.get(stream_id)) is not None:
+                self._drop(stream)
+        elif kind == h2.PRIORITY:
+            h2.check_control(kind, stream_id, payload, self.last_stream)
         elif kind == h2.PUSH_PROMISE:
-            raise _ProtocolError(h2.PROTOCOL_ERROR, "a client cannot push")
-        # PRIORITY, GOAWAY (the peer closes the socket after it) and unknown types are ignored.
-
-    @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes:
-        if not flags & h2.PADDED:
-            return payload
-        if not payload or payload[0] >= len(payload):
-            raise _ProtocolError(h2.PROTOCOL_ERROR, "bad padding")
-        return payload[1 : len(payload) - payload[0]]
+            raise ProtocolError(h2.PROTOCOL_ERROR, "a client cannot push")
+        # GOAWAY (the peer closes the socket after it) and unknown types are ignored.
 
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0 or stream_id > self.last_stream:
-            raise _ProtocolError(h2.PROTOCOL_ERROR, "DATA on an idle stream")
+            raise ProtocolError(h2.PROTOCOL_ERROR, "DATA on an idle stream")
         self.unacked += len(payload)
         if self.unacked >= h2.RECEIVE_WINDOW // 2 and self.transport is not None:
             self.transport.write(h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
@@ -230,45 +219,69 @@ class _Connection(asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is None or stream.call is not None:
             return  # answered already (or reset): the rest of its body is dropped
-        stream.body += self._unpad(flags, payload)
-        if len(stream.body) >= 5 and int.from_bytes(stream.body[1:5], "big") > h2.MESSAGE_LENGTH_MAX:
-            length = int.from_bytes(stream.body[1:5], "big")
-            self._fail(stream, RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds {h2.MESSAGE_LENGTH_MAX}")
-            if not flags & h2.END_STREAM and self.transport is not None:
-                self.transport.write(h2.frame(h2.RST_STREAM, 0, stream_id, struct.pack(">I", h2.NO_ERROR)))
+        data = unpad(flags, payload)
+        body = stream.body
+        body += data
+        self.buffered += len(data)
+        if self.buffered > BUFFERED_MAX:
+            self._refuse(stream, flags, RESOURCE_EXHAUSTED, f"requests in progress exceed {BUFFERED_MAX} bytes")
             return
+        if len(body) >= 5:
+            length = int.from_bytes(body[1:5], "big")
+            if length > h2.MESSAGE_LENGTH_MAX:
+                self._refuse(stream, flags, RESOURCE_EXHAUSTED,
+                             f"message of {length} bytes exceeds {h2.MESSAGE_LENGTH_MAX}")
+                return
+            if len(body) > 5 + length:
+                self._refuse(stream, flags, INVALID_ARGUMENT, "a unary call carries exactly one message")
+                return
         if flags & h2.END_STREAM:
             self._call(stream)
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id % 2 == 0:
-            raise _ProtocolError(h2.PROTOCOL_ERROR, "HEADERS on a server stream id")
-        payload = self._unpad(flags, payload)
+            raise ProtocolError(h2.PROTOCOL_ERROR, "HEADERS on a server stream id")
+        payload = unpad(flags, payload)
         if flags & h2.PRIORITY_FLAG:
             payload = payload[5:]
         stream = self.streams.get(stream_id)
         if stream is None:
             if stream_id > self.last_stream:
                 self.last_stream = stream_id
-                stream = _Stream(stream_id, self.peer_window)
-                self.streams[stream_id] = stream
+                if self.draining or self.opening >= MAX_OPENING or len(self.streams) >= MAX_STREAMS:
+                    stream = self._closed(stream_id)
+                    if self.transport is not None:
+                        refused = struct.pack(">I", h2.REFUSED_STREAM)
+                        self.transport.write(h2.frame(h2.RST_STREAM, 0, stream_id, refused))
+                else:
+                    stream = Stream(stream_id, self.peer_window)
+                    self.streams[stream_id] = stream
+                    self.opening += 1
+            elif not flags & h2.END_STREAM:  # only trailers may follow a stream's first header block
+                raise ProtocolError(h2.PROTOCOL_ERROR, f"HEADERS opening stream {stream_id} out of order")
             else:  # a closed stream: its block still updates the HPACK table
-                stream = _Stream(stream_id, 0)
-                stream.call = asyncio.get_running_loop().create_future()
+                stream = self._closed(stream_id)
         self.block_stream = stream
         self.block_flags = flags
         self.block = bytearray()
         self._header_fragment(flags, payload)
 
+    @staticmethod
+    def _closed(stream_id: int) -> Stream:
+        """A stand-in for a stream that is not served: its header block is decoded and dropped."""
+        stream = Stream(stream_id, 0)
+        stream.call = asyncio.get_running_loop().create_future()
+        return stream
+
     def _header_fragment(self, flags: int, payload: bytes) -> None:
         self.block += payload
         if len(self.block) > h2.HEADER_LIST_MAX:
-            raise _ProtocolError(h2.PROTOCOL_ERROR, "header block too large")
+            raise ProtocolError(h2.PROTOCOL_ERROR, "header block too large")
         if not flags & h2.END_HEADERS:
             return
         stream, self.block_stream = self.block_stream, None
         assert stream is not None
-        fields = self._decode(bytes(self.block))
+        fields = self.decoder.decode(bytes(self.block))
         if stream.call is not None:
             return  # a closed stream
         if stream.path:  # trailers of a request: they carry nothing a unary call needs but END_STREAM
@@ -281,133 +294,48 @@ class _Connection(asyncio.Protocol):
                 stream.path = bytes(value)
             elif name == b"content-type":
                 content_type = bytes(value)
+            elif name == b"grpc-encoding":
+                stream.encoded = value != b"identity"
         if not content_type.startswith(b"application/grpc"):
+            self._release(stream)
             self.streams.pop(stream.id, None)
             if self.transport is not None:
-                self.transport.write(h2.frame(h2.HEADERS, _LAST, stream.id, h2.UNSUPPORTED_MEDIA))
+                answer = h2.frame(h2.HEADERS, h2.LAST, stream.id, h2.UNSUPPORTED_MEDIA)
+                if not self.block_flags & h2.END_STREAM:  # the client need not send the rest
+                    answer += h2.frame(h2.RST_STREAM, 0, stream.id, struct.pack(">I", h2.NO_ERROR))
+                self.transport.write(answer)
             return
         if self.block_flags & h2.END_STREAM:
             self._call(stream)
 
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """HPACK-decode ``block``, remembering blocks that consist of indexed fields only.
-
-        Such a block cannot change the dynamic table, so while no other block arrives it always
-        means the same; a gRPC client repeats a handful of them, one per method.
-        """
-        indexed_only = min(block, default=0) >= 0x80 and 0xFF not in block
-        if indexed_only and (known := self.decoded.get(block)) is not None:
-            return known
-        try:
-            fields = [(bytes(name), bytes(value)) for name, value in self.decoder.decode(block, raw=True)]
-        except hpack.HPACKError as exc:
-            raise _ProtocolError(h2.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
-        if not indexed_only:
-            self.decoded.clear()  # the table may have changed under every remembered block
-        elif len(self.decoded) < 64:
-            self.decoded[block] = fields
-        return fields
-
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id != 0 or len(payload) % 6:
-            raise _ProtocolError(h2.PROTOCOL_ERROR, "bad SETTINGS frame")
-        if flags & h2.ACK:
+        if h2.settings_ack(flags, stream_id, payload):
             return
-        for offset in range(0, len(payload), 6):
-            key, value = struct.unpack_from(">HI", payload, offset)
+        if self.timer is not None:  # the preface is complete
+            self.timer.cancel()
+            self.timer = None
+        for key, value in h2.settings(payload):
             if key == h2.SETTINGS_INITIAL_WINDOW_SIZE:
                 delta, self.peer_window = value - self.peer_window, value
                 for stream in self.streams.values():
                     stream.send_window += delta
             elif key == h2.SETTINGS_MAX_FRAME_SIZE:
-                self.peer_frame = max(h2.MAX_FRAME, min(value, 1 << 24))
+                self.peer_frame = value
         if self.transport is not None:
             self.transport.write(h2.frame(h2.SETTINGS, h2.ACK, 0))
         self._flush()
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise _ProtocolError(h2.FRAME_SIZE_ERROR, "WINDOW_UPDATE is not 4 bytes")
-        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        increment = h2.increment(stream_id, payload)
         if stream_id == 0:
             self.send_window += increment
+            if self.send_window > h2.WINDOW_MAX:
+                raise ProtocolError(h2.FLOW_CONTROL_ERROR, "connection window beyond 2^31-1")
         elif (stream := self.streams.get(stream_id)) is not None:
-            stream.send_window += increment
-        self._flush()
-
-    # ------------------------------------------------------------------ calls and frames out
-
-    def _call(self, stream: _Stream) -> None:
-        handler = self.server.handlers.get(stream.path)
-        body = stream.body
-        if handler is None:
-            self._fail(stream, UNIMPLEMENTED, f"method {stream.path.decode(errors='replace')} is not implemented")
-        elif len(body) < 5 or len(body) != 5 + int.from_bytes(body[1:5], "big"):
-            self._fail(stream, INVALID_ARGUMENT, "a unary call carries exactly one message")
-        elif body[0]:
-            self._fail(stream, UNIMPLEMENTED, "compressed messages are not supported")
-        else:
-            call = drive(handler(bytes(body[5:])))
-            stream.body = bytearray()
-            stream.call = call
-            if call.done():
-                self._complete(stream, call)
+            if increment == 0:
+                self._reset(stream, h2.PROTOCOL_ERROR)
+            elif stream.send_window + increment > h2.WINDOW_MAX:
+                self._reset(stream, h2.FLOW_CONTROL_ERROR)
             else:
-                call.add_done_callback(lambda done: self._complete(stream, done))
-
-    def _complete(self, stream: _Stream, call: asyncio.Future[bytes]) -> None:
-        if call.cancelled() or self.streams.get(stream.id) is not stream or self.transport is None:
-            return
-        try:
-            body = call.result()
-        except StatusError as exc:
-            self._fail(stream, exc.code, exc.message)
-            return
-        except DecodeError:
-            method = stream.path.rsplit(b"/", 1)[-1].decode(errors="replace")
-            self._fail(stream, INVALID_ARGUMENT, f"malformed {method} request")
-            return
-        except Exception as exc:
-            log.exception("gRPC %s failed", stream.path.decode(errors="replace"))
-            self._fail(stream, INTERNAL, str(exc) or type(exc).__name__)
-            return
-        message = b"\0" + len(body).to_bytes(4, "big") + body
-        head = h2.frame(h2.HEADERS, h2.END_HEADERS, stream.id, h2.RESPONSE_HEADERS)
-        size = len(message)
-        if size <= self.send_window and size <= stream.send_window and size <= self.peer_frame:
-            self.send_window -= size
-            del self.streams[stream.id]
-            end = h2.frame(h2.HEADERS, _LAST, stream.id, h2.TRAILERS_OK)
-            self.transport.write(head + h2.frame(h2.DATA, 0, stream.id, message) + end)
-            return
-        self.transport.write(head)
-        stream.pending = memoryview(message)
-        self.blocked[stream.id] = stream
+                stream.send_window += increment
         self._flush()
-
-    def _flush(self) -> None:
-        """Send what flow control now allows of every blocked response, oldest first."""
-        transport = self.transport
-        for stream in list(self.blocked.values()):
-            pending = stream.pending
-            assert pending is not None
-            while pending and transport is not None:
-                size = min(len(pending), self.send_window, stream.send_window, self.peer_frame)
-                if size <= 0:
-                    return
-                transport.write(h2.frame(h2.DATA, 0, stream.id, bytes(pending[:size])))
-                self.send_window -= size
-                stream.send_window -= size
-                pending = stream.pending = pending[size:]
-            if transport is None:
-                return
-            del self.blocked[stream.id]
-            self.streams.pop(stream.id, None)
-            transport.write(h2.frame(h2.HEADERS, _LAST, stream.id, h2.TRAILERS_OK))
-
-    def _fail(self, stream: _Stream, code: int, message: str) -> None:
-        """Answer Trailers-Only with a gRPC status."""
-        if self.streams.get(stream.id) is stream:
-            del self.streams[stream.id]
-        if self.transport is not None:
-            self.transport.write(h2.frame(h2.HEADERS, _LAST, stream.id, h2.trailers(code, message)))

@@ -9,6 +9,7 @@ exactly as if it had been wrapped in one from the start (cancellation included).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import types
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
@@ -29,7 +30,19 @@ def drive(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         failed: asyncio.Future[T] = loop.create_future()
         failed.set_exception(exc)
         return failed
-    return loop.create_task(_resume(coro, yielded))
+    task = loop.create_task(_resume(coro, yielded))
+    task.add_done_callback(lambda done: _cancel_unstarted(coro) if done.cancelled() else None)
+    return task
+
+
+def _cancel_unstarted(coro: Coroutine[Any, Any, Any]) -> None:
+    """A task cancelled before its first step never reached ``coro``: deliver the cancellation."""
+    if inspect.getcoroutinestate(coro) == inspect.CORO_SUSPENDED:
+        try:
+            coro.throw(asyncio.CancelledError())
+        except (asyncio.CancelledError, Exception):  # it ends as a cancelled call ends
+            return
+        coro.close()  # it kept waiting: there is no task left to wait in
 
 
 async def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> T:

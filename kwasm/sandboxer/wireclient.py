@@ -18,6 +18,7 @@ import hpack
 from kwasm.api import sandbox_pb2
 from kwasm.sandboxer.h2frames import (
     ACK,
+    CANCEL,
     DATA,
     END_HEADERS,
     END_STREAM,
@@ -95,7 +96,12 @@ class WireClient(asyncio.Protocol):
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.pending[stream_id] = (future, bytearray())
         self.transport.write(b"".join(out))
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller gave up: tell the server to stop the call
+            if self.pending.pop(stream_id, None) is not None and self.transport is not None:
+                self.transport.write(frame(RST_STREAM, 0, stream_id, struct.pack(">I", CANCEL)))
+            raise
 
     def _block(self, method: str) -> bytes:
         """The header block of a first call: its fields enter the server's table, as grpc clients do.
@@ -151,13 +157,16 @@ class WireClient(asyncio.Protocol):
             transport.write(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM and stream_id in self.pending:
             future, _body = self.pending.pop(stream_id)
-            future.set_exception(StatusError(INTERNAL, "stream reset by the server"))
+            if not future.done():
+                future.set_exception(StatusError(INTERNAL, "stream reset by the server"))
         elif kind == GOAWAY:
             transport.close()
 
     def _finish(self, stream_id: int, fields: dict[bytes, bytes]) -> None:
         future, body = self.pending.pop(stream_id)
         code = int(fields.get(b"grpc-status", b"2"))
+        if future.done():
+            return  # cancelled in the meantime
         if code:
             message = fields.get(b"grpc-message", b"").decode(errors="replace")
             future.set_exception(StatusError(code, message))
