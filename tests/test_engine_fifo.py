@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import wasmtime
 from conftest import DEMO_WASM
 from guests.toolchain import compile_c
 from test_engine import Collector, eventually
@@ -172,3 +173,56 @@ def test_other_fds_keep_wasmtimes_writes_when_stdout_is_a_fifo(
     assert (tmp_path / "data" / "note.txt").read_text() == "kept in a file"
     assert errors.text == "unknown command: nope\n"
     assert pending(reader) == 0
+
+
+HOSTILE_POINTERS_WAT = r"""
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "\fa\ff\00\00\64\00\00\00")  ;; iovec {ptr 65530, len 100}: runs past the end
+  (data (i32.const 32) "\00\ff\ff\ff\10\00\00\00")  ;; iovec {ptr 0xffffff00, len 16}
+  (func $expect_fault (param $errno i32) (param $step i32)
+    (if (i32.ne (local.get $errno) (i32.const 21)) (then (call $exit (local.get $step)))))
+  (func (export "_start")
+    (call $expect_fault (call $clock (i32.const 1) (i64.const 0) (i32.const 65532)) (i32.const 1))
+    (call $expect_fault (call $clock (i32.const 1) (i64.const 0) (i32.const -8)) (i32.const 2))
+    (call $expect_fault (call $poll (i32.const 65500) (i32.const 0) (i32.const 1) (i32.const 0)) (i32.const 3))
+    (call $expect_fault (call $poll (i32.const 0) (i32.const -16) (i32.const 1) (i32.const 0)) (i32.const 4))
+    (call $expect_fault (call $poll (i32.const 0) (i32.const 64) (i32.const 0x7fffffff) (i32.const 0)) (i32.const 5))
+    (call $expect_fault (call $fd_write (i32.const 1) (i32.const -16) (i32.const 1) (i32.const 0)) (i32.const 6))
+    (call $expect_fault (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 0)) (i32.const 7))
+    (call $expect_fault (call $fd_write (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 65535)) (i32.const 8))
+    (call $expect_fault (call $fd_read (i32.const 0) (i32.const 32) (i32.const 1) (i32.const 0)) (i32.const 9))
+    (call $expect_fault (call $fd_read (i32.const 0) (i32.const 8) (i32.const 1) (i32.const 65534)) (i32.const 10))
+    (call $exit (i32.const 0))))
+"""
+
+
+def test_pointers_outside_the_guests_memory_get_efault_and_touch_nothing(
+    engine: Engine, fifo: tuple[Path, int], tmp_path: Path
+) -> None:
+    """The async WASI calls reach memory by address: every pointer a guest passes is checked first."""
+    stdout, reader = fifo
+    stdin = tmp_path / "in.fifo"
+    os.mkfifo(stdin)
+    stdin_writer = os.open(stdin, os.O_RDWR | os.O_NONBLOCK)
+    module = tmp_path / "hostile.wasm"
+    module.write_bytes(wasmtime.wat2wasm(HOSTILE_POINTERS_WAT))
+    try:
+        os.write(stdin_writer, b"input that must stay unread")
+        guest = engine.start(GuestSpec(module=module, argv=["hostile"], stdin=Stdio.fifo(stdin),
+                                       stdout=Stdio.fifo(stdout)))
+        exit = guest.wait(10)
+        assert exit is not None and (exit.code, exit.reason) == (0, ExitReason.EXITED), exit
+        assert pending(reader) == 0
+        assert os.read(stdin_writer, 100) == b"input that must stay unread"
+    finally:
+        os.close(stdin_writer)
+    after = engine.start(GuestSpec(module=DEMO_WASM, argv=["app", "echo", "unharmed"], stdout=Stdio.fifo(stdout)))
+    done = after.wait(5)
+    assert done is not None and done.code == 0
+    assert os.read(reader, 100) == b"unharmed\n"
