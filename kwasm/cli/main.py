@@ -116,11 +116,9 @@ def main() -> None:
     try:
         app()
     except KwasmError as exc:
-        from rich.markup import escape
+        from kwasm.cli.output import error
 
-        from kwasm.cli.output import err_console
-
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        error(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

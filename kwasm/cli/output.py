@@ -43,3 +43,12 @@ def info(message: str) -> None:
 def warn(message: str) -> None:
     """Print ``warning: message`` on stderr (the command goes on)."""
     print(f"warning: {message}", file=sys.stderr)
+
+
+def error(message: str) -> None:
+    """Print ``error: message`` on stderr as every failing command does (red on a terminal, never markup)."""
+    from rich.markup import escape
+
+    from kwasm.cli.output import err_console  # created on first use by this module's __getattr__
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from kwasm.cli.output import error
 from kwasm.cli.state import data_root
 from kwasm.errors import ImageNotFoundError, NotFoundError, UsageError
 from kwasm.keyvalue import parse_pairs
@@ -181,10 +182,8 @@ def _run_local(
             guest.kill()
             guest.wait(5)
             return 130
-    from kwasm.cli.output import err_console
-
     if outcome.reason is ExitReason.TRAPPED:
-        err_console.print(f"[bold red]error:[/] guest trapped: {outcome.message.splitlines()[0]}", soft_wrap=True)
+        error(f"guest trapped: {outcome.message.splitlines()[0]}")
     elif outcome.reason is ExitReason.TIMEOUT:
-        err_console.print(f"[bold red]error:[/] guest killed after --timeout {shown}", soft_wrap=True)
+        error(f"guest killed after --timeout {shown}")
     return outcome.code
