@@ -26,6 +26,7 @@ import struct
 from pathlib import Path
 
 from kwasm.sandboxer import h2frames as h2
+from kwasm.sandboxer.backpressure import ReadPausingProtocol
 from kwasm.sandboxer.grpcstreams import Handler, Stream, StreamEnds
 from kwasm.sandboxer.h2frames import ProtocolError, unpad
 from kwasm.sandboxer.status import INVALID_ARGUMENT, RESOURCE_EXHAUSTED
@@ -81,7 +82,7 @@ class GrpcServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
 
-class _Connection(StreamEnds, asyncio.Protocol):
+class _Connection(StreamEnds, ReadPausingProtocol):
     """One client connection: frames in, frames out."""
 
     def __init__(self, server: GrpcServer) -> None:
@@ -126,14 +127,6 @@ class _Connection(StreamEnds, asyncio.Protocol):
                 stream.call.cancel()
         self.streams.clear()
         self.blocked.clear()
-
-    def pause_writing(self) -> None:
-        if self.transport is not None:  # a peer that does not read its answers sends no more requests
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.transport is not None:
-            self.transport.resume_reading()
 
     def goaway(self, code: int, message: str) -> None:
         """Tell the peer no more streams are served, then disconnect."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from kwasm.api import ttrpc_pb2
+from kwasm.sandboxer.backpressure import ReadPausingProtocol
 from kwasm.sandboxer.inline import drive
 from kwasm.sandboxer.status import (
     DEADLINE_EXCEEDED,
@@ -119,7 +120,7 @@ class TtrpcServer:
         return _response(stream_id, OK, "", body)
 
 
-class _ServerConnection(asyncio.Protocol):
+class _ServerConnection(ReadPausingProtocol):
     """One client of a :class:`TtrpcServer`: frames in, answers out, its pending calls."""
 
     def __init__(self, server: TtrpcServer) -> None:
@@ -144,14 +145,6 @@ class _ServerConnection(asyncio.Protocol):
         self.transport = None
         for call in list(self.calls):  # nobody is left to read the answers (a pending Wait, say)
             call.cancel()
-
-    def pause_writing(self) -> None:
-        if self.transport is not None:  # a peer that does not read its answers sends no more requests
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.transport is not None:
-            self.transport.resume_reading()
 
     def abort(self) -> None:
         """Drop the connection (the server is closing)."""
