@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from kwasm.sandboxer.launch import stop_process
 from kwasm.sandboxer.rootfs import unmount_rootfs
 from kwasm.shim.layout import IDLE_GRACE_ENV, ROOT_ENV, NamespaceLayout
 
@@ -225,14 +225,7 @@ def start_containerd(directory: Path, idle_grace: str | None = "1", cri: bool = 
 
 def stop_containerd(containerd: RunningContainerd) -> None:
     """Stop containerd by pid, then any shared sandboxer it left, then unmount what is left under its dirs."""
-    process = containerd.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+    stop_process(containerd.process, 15)
     if containerd.shim_root.is_dir():
         for directory in containerd.shim_root.iterdir():
             pid = sandboxer_pid(NamespaceLayout(directory))

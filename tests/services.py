@@ -15,7 +15,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -27,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kwasm.sandboxer.launch import stop_process
+
 START_TIMEOUT = 30.0
 
 
@@ -35,18 +36,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Stop ``process`` by its pid: SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout)
 
 
 def _log_tail(path: Path) -> str:

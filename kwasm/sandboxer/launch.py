@@ -79,9 +79,8 @@ def _answers(path: Path) -> bool:
     return True
 
 
-def stop_sandboxer(sandboxer: SandboxerProcess, timeout: float = 15.0) -> int:
-    """SIGTERM the sandboxer by pid (SIGKILL after ``timeout``); returns its exit status."""
-    process = sandboxer.process
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM ``process`` by its pid (SIGKILL if it has not exited after ``timeout``); returns its exit status."""
     if process.poll() is None:
         os.kill(process.pid, signal.SIGTERM)
         try:
@@ -90,6 +89,11 @@ def stop_sandboxer(sandboxer: SandboxerProcess, timeout: float = 15.0) -> int:
             os.kill(process.pid, signal.SIGKILL)
             process.wait(timeout)
     return process.returncode
+
+
+def stop_sandboxer(sandboxer: SandboxerProcess, timeout: float = 15.0) -> int:
+    """SIGTERM the sandboxer by pid (SIGKILL after ``timeout``); returns its exit status."""
+    return stop_process(sandboxer.process, timeout)
 
 
 @contextlib.contextmanager
