@@ -94,6 +94,13 @@ def _clock_now(clock: int) -> int | None:
     return None
 
 
+def _until_done(guest: Waiter, attempt: Continuation) -> Continuation | None:
+    """None when ``attempt`` finishes the call now; else a continuation retrying it at each wake-up."""
+    if attempt():
+        return None
+    return lambda: guest.take_wakeup() and attempt()
+
+
 class Subscription:
     """One parsed ``subscription_t`` with its deadline (monotonic seconds) for clocks."""
 
@@ -204,13 +211,7 @@ class Shadows:
             U32.pack_into(MEMORY, base + nevents_ptr, len(events))
             return True
 
-        if complete():
-            return None
-
-        def resume() -> bool:
-            return guest.take_wakeup() and complete()
-
-        return resume
+        return _until_done(guest, complete)
 
     def _ready_events(self, guest: Waiter, subs: list[Subscription]) -> list[bytes]:
         now = time.monotonic()
@@ -293,13 +294,7 @@ class Shadows:
             call.set_result(ERRNO_SUCCESS)
             return True
 
-        if attempt():
-            return None
-
-        def resume() -> bool:
-            return guest.take_wakeup() and attempt()
-
-        return resume
+        return _until_done(guest, attempt)
 
     def fd_write(self, call: HostCall) -> Continuation | None:
         """``fd_write(fd, iovs, iovs_len, *nwritten)``: a FIFO stdout/stderr without blocking the thread.
@@ -342,10 +337,4 @@ class Shadows:
             call.set_result(errno)
             return True
 
-        if attempt():
-            return None
-
-        def resume() -> bool:
-            return guest.take_wakeup() and attempt()
-
-        return resume
+        return _until_done(guest, attempt)
