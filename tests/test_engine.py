@@ -15,10 +15,12 @@ from conftest import DEMO_WASM
 from guests.toolchain import assemble_wat, compile_c
 
 from kwasm.errors import EngineError, NotFoundError, WasmValidationError
-from kwasm.runtime.cells import ReadyFlag
+from kwasm.runtime.cells import GuestCell
 from kwasm.runtime.engine import Engine
+from kwasm.runtime.ffi import HostCall
 from kwasm.runtime.guest import EXIT_KILLED, EXIT_TRAP, ExitReason, GuestSpec, Preopen, Stdio
 from kwasm.runtime.scheduler import Scheduler
+from kwasm.runtime.wasi import Shadows
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +164,29 @@ def test_poll_oneoff_absolute_realtime_deadline(engine: Engine, probe: Path) -> 
     code, _, out = run(engine, probe, "pollabs", "150")
     assert code == 0
     assert 140 <= int(out.text.split()[1]) < 1000
+
+
+def test_plain_sleeps_stay_native_and_other_polls_reach_python(
+    probe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python_polls: list[int] = []
+    python_poll_oneoff = Shadows.poll_oneoff
+
+    def counting(self: Shadows, call: HostCall) -> object:
+        python_polls.append(1)
+        return python_poll_oneoff(self, call)
+
+    monkeypatch.setattr(Shadows, "poll_oneoff", counting)  # before the engine's linkers are made
+    with Engine(threads=1, cache_dir=tmp_path / "cache") as runtime:
+        out = Collector()
+        daemon = runtime.start(GuestSpec(module=DEMO_WASM, argv=["demo", "daemon"], stdout=Stdio.to_callback(out)))
+        assert eventually(lambda: out.text.count("Row, row") >= 2), "the daemon woke from its sleep and printed again"
+        daemon.kill()
+        assert run(runtime, DEMO_WASM, "sleep", "0.05")[0] == 0
+        assert python_polls == [], "a lone clock subscription is answered by the native poll_oneoff"
+        code, _, out = run(runtime, probe, "poll2")
+        assert code == 0 and out.text.split()[:4] == ["events", "1", "first", "9"]
+        assert python_polls, "two subscriptions are handed to the Python poll_oneoff"
 
 
 def test_sched_yield_returns(engine: Engine, probe: Path) -> None:
@@ -361,8 +386,7 @@ class ScriptedTask:
 
     def __init__(self, fails: bool) -> None:
         self.id = next(_task_ids)
-        self.wait_seq = 0
-        self.ready_flag = ReadyFlag()
+        self.cell = GuestCell(self.id)
         self.fails = fails
         self.finished = threading.Event()
         self.aborted: list[ExitReason] = []
@@ -372,6 +396,9 @@ class ScriptedTask:
             raise RuntimeError("host bug")
         self.finished.set()
         return True
+
+    def conclude(self) -> None:
+        self.finished.set()
 
     def abort(self, reason: ExitReason) -> None:
         self.aborted.append(reason)

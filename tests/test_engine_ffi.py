@@ -11,7 +11,7 @@ import pytest
 import wasmtime
 
 from kwasm.runtime import ffi
-from kwasm.runtime.cells import MEMORY, CellPool, ReadyFlag
+from kwasm.runtime.cells import MEMORY, CellPool, GuestCell
 from kwasm.runtime.settings import EngineSettings
 
 GUEST_WAT = """(module
@@ -32,11 +32,11 @@ class Host:
     """Async host functions whose waits the test completes by hand."""
 
     def __init__(self) -> None:
-        self.flag = ReadyFlag()
+        self.flag = GuestCell(0)  # used only as a flag
         self.seen: list[int] = []
         self.polls = 0
 
-    def wait(self, call: ffi.HostCall) -> ReadyFlag:
+    def wait(self, call: ffi.HostCall) -> GuestCell:
         self.seen.append(call.arg(0))
         call.set_result(0)
         self.flag.clear()
@@ -66,7 +66,7 @@ def runtime() -> Iterator[tuple[wasmtime.Engine, ffi.InstancePre, Host]]:
 
 
 def new_store(engine: wasmtime.Engine, pre: ffi.InstancePre, key: int) -> tuple[ffi.Store, ffi.Instance]:
-    store = ffi.Store(engine, key)
+    store = ffi.Store(engine, GuestCell(key))
     store.set_wasi(ffi.WasiConfig())
     store.yield_on_epoch()
     return store, store.instantiate(pre)
@@ -143,7 +143,7 @@ def test_spinning_guest_yields_on_epoch_and_can_be_dropped(
 
 def test_memory_limit_and_missing_exports(runtime: tuple[wasmtime.Engine, ffi.InstancePre, Host]) -> None:
     engine, pre, _ = runtime
-    store = ffi.Store(engine, 5)
+    store = ffi.Store(engine, GuestCell(5))
     store.set_wasi(ffi.WasiConfig())
     store.limit_memory(2 * 65536)
     store.yield_on_epoch()
@@ -155,7 +155,7 @@ def test_memory_limit_and_missing_exports(runtime: tuple[wasmtime.Engine, ffi.In
     assert instance.func("no_such_export") is None and instance.memory("no_such_memory") is None
     future.delete()
     store.delete()
-    too_small = ffi.Store(engine, 6)
+    too_small = ffi.Store(engine, GuestCell(6))
     too_small.set_wasi(ffi.WasiConfig())
     too_small.limit_memory(1024)
     with pytest.raises(OSError, match="exceeds memory limits"):
@@ -186,7 +186,7 @@ def test_output_callbacks_per_stream() -> None:
     config = ffi.WasiConfig()
     config.output_callback(1, received.append)
     config.output_callback(2, errors.append)
-    store = ffi.Store(engine, 7)
+    store = ffi.Store(engine, GuestCell(7))
     store.set_wasi(config)
     store.yield_on_epoch()
     instance = store.instantiate(pre)
@@ -215,13 +215,17 @@ def test_cells_are_zeroed_distinct_and_reused() -> None:
     assert again == second and bytes(MEMORY[again : again + 16]) == bytes(16)
 
 
-def test_a_ready_flag_is_what_strlen_sees_and_its_cell_is_reused() -> None:
+def test_a_guest_cell_flag_is_what_strlen_sees_and_a_reused_cell_starts_a_new_wait() -> None:
     strlen = ctypes.CDLL(None).strlen
     strlen.argtypes, strlen.restype = [ctypes.c_void_p], ctypes.c_size_t
-    flag = ReadyFlag()
-    assert strlen(flag.address) == 0 and not flag.is_set()
-    flag.set()
-    assert strlen(flag.address) == 1 and flag.is_set()
-    address = flag.address
-    del flag  # its cell goes back to the pool, cleared
-    assert ReadyFlag().address == address
+    cell = GuestCell(9)
+    assert strlen(cell.address) == 0 and not cell.is_set()
+    cell.set()
+    assert strlen(cell.address) == 1 and cell.is_set()
+    first_wait = cell.new_wait()
+    assert cell.wait == first_wait and not cell.is_set()
+    address = cell.address
+    del cell  # its memory goes back to the pool
+    again = GuestCell(10)
+    assert again.address == address and not again.is_set()
+    assert again.wait == first_wait and again.new_wait() > first_wait, "a stale timer can never match a new wait"

@@ -37,6 +37,9 @@ def test_demo_app_subcommands_with_exit_codes(kwasm: KwasmRunner, tmp_path: Path
     started = time.monotonic()
     assert kwasm("run", wasm, "--", "sleep", "0.3").returncode == 0
     assert time.monotonic() - started >= 0.3
+    assert kwasm("run", wasm, "--", "sleep", ".2").returncode == 0  # a bare fraction is fine
+    bad_sleep = kwasm("run", wasm, "--", "sleep", "1.2.3")
+    assert (bad_sleep.returncode, bad_sleep.stderr) == (1, "not a number of seconds: 1.2.3\n")
     assert kwasm("run", wasm, "--", "exit", "3").returncode == 3
     unknown = kwasm("run", wasm, "--", "frobnicate")
     assert (unknown.returncode, unknown.stderr) == (1, "unknown command: frobnicate\n")

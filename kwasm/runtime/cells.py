@@ -1,10 +1,10 @@
 """Native memory for the few bytes per guest that wasmtime reads or writes, without a ctypes object each.
 
-A sleeping guest needs a handful of native bytes: its wake-up flag (which wasmtime polls through
-libc's ``strlen``) and the two out-pointers of its call future (trap, error). A ctypes object per
-value costs ~140 bytes of Python heap and a cyclic-GC entry; a cell from a :class:`CellPool` costs
-only its size and is reused when released. Cells, guest memory and wasmtime's call frames are all
-read and written by address through :data:`MEMORY` with ``struct``.
+A sleeping guest needs a handful of native bytes: its :class:`GuestCell` (wake-up flag, which
+wasmtime polls through libc's ``strlen``, and what the native wake-up path needs) and the two
+out-pointers of its call future (trap, error). A ctypes object per value costs ~140 bytes of Python
+heap and a cyclic-GC entry; a cell costs only its size and is reused when released. Cells, guest
+memory and wasmtime's call frames are all read and written by address through :data:`MEMORY`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import sys
 import threading
 from collections.abc import Callable
 
+from kwasm.runtime import _native
+
 #: This process's whole address space as one writable byte view (index = address).
 MEMORY = memoryview((ctypes.c_char * sys.maxsize).from_address(0)).cast("B")
 U32 = struct.Struct("<I")
-U64 = struct.Struct("<Q")
 
 
 class CellPool:
@@ -53,33 +54,42 @@ class CellPool:
             self._free.append(address)
 
 
-#: Two bytes per flag: the flag and the NUL that ends it for ``strlen``.
-_FLAGS = CellPool(2)
+class GuestCell:
+    """A guest's native record (see ``_native.c``): its wake-up flag, current wait and store handles.
 
-
-class ReadyFlag:
-    """A one-byte flag wasmtime polls natively: a wait completes once the scheduler sets it.
-
-    The continuation callback for a flag is libc's ``strlen`` on the flag's two bytes (1 when set,
-    0 when clear), so polling a waiting guest costs no Python callback.
+    The cell's address is the guest's wasmtime store data, so the native host functions find it
+    from any call. Its first byte is the wake-up flag and the second is always 0: the continuation
+    of a waiting guest is libc's ``strlen`` on the cell (1 once the flag is set), so polling a
+    waiting guest costs no Python callback. Each wait has a sequence number, unique in the process,
+    that a timer or fd wake-up must match.
     """
 
-    __slots__ = ("address",)
+    __slots__ = ("address", "key")
 
-    def __init__(self) -> None:
-        self.address = _FLAGS.take()
+    def __init__(self, key: int) -> None:
+        self.key = key
+        self.address = _native.cell_new(key)
 
-    def __del__(self, give_back: Callable[[int], None] = _FLAGS.give_back) -> None:
-        give_back(self.address)  # bound at definition time: still callable while the interpreter shuts down
+    def __del__(self, free: Callable[[int], None] = _native.cell_free) -> None:
+        free(self.address)  # bound at definition time: still callable while the interpreter shuts down
 
     def set(self) -> None:
-        """Mark the wait complete."""
+        """Mark the current wait complete."""
         MEMORY[self.address] = 1
 
     def clear(self) -> None:
-        """Start a new wait."""
+        """Mark the current wait pending again."""
         MEMORY[self.address] = 0
 
     def is_set(self) -> bool:
-        """Whether the wait is complete."""
+        """Whether the current wait is complete."""
         return MEMORY[self.address] != 0
+
+    def new_wait(self) -> int:
+        """Start a new wait (flag cleared); its sequence number."""
+        return _native.cell_new_wait(self.address)
+
+    @property
+    def wait(self) -> int:
+        """The sequence number of the current wait."""
+        return _native.cell_wait(self.address)

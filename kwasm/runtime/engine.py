@@ -24,7 +24,7 @@ import wasmtime
 from kwasm.errors import EngineError, WasmValidationError
 from kwasm.runtime import ffi, wasiconfig
 from kwasm.runtime.cache import ModuleCache, default_cache_dir
-from kwasm.runtime.cells import ReadyFlag
+from kwasm.runtime.cells import GuestCell
 from kwasm.runtime.guest import EXIT_KILLED, EXIT_TRAP, ExitReason, GuestExit, GuestSpec
 from kwasm.runtime.scheduler import Scheduler
 from kwasm.runtime.settings import EngineSettings
@@ -64,12 +64,11 @@ class Guest:
         "_scheduler",
         "_store",
         "builtins",
+        "cell",
         "id",
         "output_fds",
-        "ready_flag",
         "spec",
         "stdin_fd",
-        "wait_seq",
     )
 
     def __init__(self, engine: Engine, guest_id: int, spec: GuestSpec) -> None:
@@ -78,8 +77,7 @@ class Guest:
         self.stdin_fd: int | None = None
         self.output_fds: dict[int, int] | None = None
         self.builtins: dict[str, object] | None = None  # made on first use (most guests never need it)
-        self.wait_seq = 0
-        self.ready_flag = ReadyFlag()
+        self.cell = GuestCell(guest_id)
         self._engine = engine
         self._exit: GuestExit | None = None
         self._done: threading.Event | None = None
@@ -127,11 +125,6 @@ class Guest:
         assert self._scheduler is not None
         self._scheduler.suspend(self, deadline, fd, writable=writable)
 
-    def sleep_until(self, deadline: float) -> None:
-        """Park until ``deadline`` (monotonic seconds): :meth:`suspend` for a plain timer, on the hot path."""
-        assert self._scheduler is not None
-        self._scheduler.sleep_until(self, deadline)
-
     def memory_region(self) -> tuple[int, int]:
         """``(address, length)`` of the guest's linear memory (for the async WASI calls)."""
         handle = self._memory_handle
@@ -145,8 +138,8 @@ class Guest:
 
     def take_wakeup(self) -> bool:
         """True once after the scheduler woke this guest."""
-        if self.ready_flag.is_set():
-            self.ready_flag.clear()
+        if self.cell.is_set():
+            self.cell.clear()
             return True
         return False
 
@@ -159,12 +152,17 @@ class Guest:
             self._future = ffi.CallFuture(self._store, self._exports)
         if not self._future.poll():
             return False
+        self.conclude()
+        return True
+
+    def conclude(self) -> None:
+        """Record how the guest ended once its call future has completed, and clean up."""
+        assert self._future is not None
         code, message = self._future.outcome()
         if code is None:
             self._finish(EXIT_TRAP, ExitReason.TRAPPED, message)
         else:
             self._finish(code, ExitReason.EXITED, "")
-        return True
 
     def abort(self, reason: ExitReason) -> None:
         """Drop the guest wherever it is suspended (killed, timed out, engine closing, host error)."""
@@ -315,7 +313,7 @@ class Engine:
             setup.config.discard()
             setup.close()
             raise
-        store = ffi.Store(self._wasm, guest.id)
+        store = ffi.Store(self._wasm, guest.cell)
         try:
             store.set_wasi(setup.config)
             if spec.memory_limit is not None:
@@ -330,6 +328,7 @@ class Engine:
         guest._exports, memory = ffi.pin_exports(instance.func("_start"), instance.memory())
         if memory is not None:
             guest._memory_handle = (store.context_address, memory)
+            store.bind_memory(memory)
         guest.stdin_fd = setup.stdin_fd
         guest.output_fds = setup.output_fds
         guest._owned_fds = tuple(setup.owned_fds)

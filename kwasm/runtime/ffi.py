@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import struct
-import threading
 from collections.abc import Callable
 from ctypes import (
     POINTER,
@@ -30,7 +29,8 @@ from typing import Any
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from kwasm.runtime.cells import MEMORY, U32, CellPool, ReadyFlag
+from kwasm.runtime import _native
+from kwasm.runtime.cells import MEMORY, U32, CellPool, GuestCell
 from kwasm.runtime.settings import EngineSettings
 
 #: A continuation: called on every poll of a suspended host call; True once the call is complete.
@@ -45,8 +45,8 @@ _epoch_yield.restype = None
 _epoch_yield.argtypes = [POINTER(ffi.wasmtime_context_t), c_uint64]
 
 
-# Short, non-blocking calls made on every wake-up, bound through PyDLL so they keep the GIL: releasing
-# it for a few nanoseconds of work would hand it to another scheduler thread at every call.
+# Short, non-blocking calls, bound through PyDLL so they keep the GIL: releasing it for a few
+# nanoseconds of work would hand it to another scheduler thread at every call.
 _held = ctypes.PyDLL(ffi.dll._name)
 _memory_data = _held.wasmtime_memory_data
 _memory_data.restype = c_void_p
@@ -54,11 +54,6 @@ _memory_data.argtypes = [c_void_p, c_void_p]
 _memory_data_size = _held.wasmtime_memory_data_size
 _memory_data_size.restype = c_size_t
 _memory_data_size.argtypes = [c_void_p, c_void_p]
-_set_epoch_deadline = _held.wasmtime_context_set_epoch_deadline
-_set_epoch_deadline.restype = None
-_set_epoch_deadline.argtypes = [c_void_p, c_uint64]
-# Runs the guest: bound through CDLL (releases the GIL) but without wasmtime-py's Python wrapper.
-_future_poll = ctypes.CFUNCTYPE(ctypes.c_bool, c_void_p)(("wasmtime_call_future_poll", ffi.dll))
 
 
 _CONTINUATION = struct.Struct("<QQQ")  # wasmtime_async_continuation_t: callback, env, finalizer
@@ -111,7 +106,7 @@ class HostCall:
         self._caller = caller  # raw addresses: no ctypes objects on the hot path
         self._params = params
         self._results = results
-        self._key: int = _running.key
+        self._key = _native.running_key()
 
     def arg(self, index: int) -> int:
         """Argument ``index`` as an unsigned 32-bit integer."""
@@ -202,16 +197,8 @@ def _run_to_completion(start: Callable[[Any, Any], Any]) -> None:
         raise OSError(_trap_message(trap))
 
 
-class _Running(threading.local):
-    key = 0
-
-
-#: The key of the store whose wasm this thread is running (host calls read it; no FFI round trip).
-_running = _Running()
-
-
-#: An async host function: gets the call, returns None (complete now), a flag or a continuation.
-AsyncHostFunction = Callable[[HostCall], Continuation | ReadyFlag | None]
+#: An async host function: gets the call, returns None (complete now), a cell to wait on or a continuation.
+AsyncHostFunction = Callable[[HostCall], Continuation | GuestCell | None]
 
 _pending: dict[int, tuple[HostCall, Continuation]] = {}
 
@@ -245,6 +232,17 @@ _VAL_SIZE = ctypes.sizeof(ffi.wasmtime_val_t)
 _VAL_OF = ffi.wasmtime_val_t.of.offset
 _ARGS4 = struct.Struct(f"<{_VAL_OF}x" + f"I{_VAL_SIZE - 4}x" * 3 + "I")
 _RESULT = struct.Struct(f"<B{_VAL_OF - 1}xi")
+_native.init(
+    _address(ffi.dll.wasmtime_caller_context),
+    _address(ffi.dll.wasmtime_context_get_data),
+    _address(_memory_data),
+    _address(_memory_data_size),
+    _address(ffi.dll.wasmtime_call_future_poll),
+    _address(ffi.dll.wasmtime_context_set_epoch_deadline),
+    _FLAG_IS_SET,
+    _VAL_SIZE,
+    _VAL_OF,
+)
 #: wasmtime_func_async_callback_t with every pointer as a plain address (cheaper to enter from C).
 _RawAsyncCallback = ctypes.CFUNCTYPE(
     None, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_void_p
@@ -253,11 +251,8 @@ _RawAsyncCallback = ctypes.CFUNCTYPE(
 _host_functions: list[Any] = []
 
 
-def define_async(linker: wasmtime.Linker, module: str, name: str, params: list[str], impl: AsyncHostFunction) -> None:
-    """Define (or shadow) ``module.name`` as an async host function ``(params...) -> i32``.
-
-    ``params`` lists the wasm types ("i32" or "i64"); :meth:`HostCall.arg` reads the i32 ones.
-    """
+def _python_host_function(impl: AsyncHostFunction) -> int:
+    """A C-callable ``wasmtime_func_async_callback_t`` running ``impl`` (kept alive for the process)."""
 
     def trampoline(env: int, caller: int, params: int, np: int, results: int, nr: int, trap: int, cont: int) -> None:
         call = HostCall(caller, params, results)
@@ -267,7 +262,7 @@ def define_async(linker: wasmtime.Linker, module: str, name: str, params: list[s
         except Exception:  # never let an exception cross into wasmtime (it would abort the process)
             call.set_result(_ERRNO_IO)
             continuation = None
-        if isinstance(continuation, ReadyFlag):
+        if isinstance(continuation, GuestCell):
             callback, data = _FLAG_IS_SET, continuation.address
         elif continuation is not None:
             data = call.store_key()
@@ -277,14 +272,37 @@ def define_async(linker: wasmtime.Linker, module: str, name: str, params: list[s
         _CONTINUATION.pack_into(MEMORY, cont, callback, data, 0)
 
     raw = _RawAsyncCallback(trampoline)
-    callback = ctypes.cast(raw, ffi.wasmtime_func_async_callback_t)
-    _host_functions.append((raw, callback))  # ctypes callbacks must outlive the linker
+    _host_functions.append(raw)  # ctypes callbacks must outlive every linker using them
+    return _address(raw)
+
+
+def define_async(
+    linker: wasmtime.Linker,
+    module: str,
+    name: str,
+    params: list[str],
+    impl: AsyncHostFunction | None,
+    *,
+    native: int | None = None,
+) -> None:
+    """Define (or shadow) ``module.name`` as an async host function ``(params...) -> i32``.
+
+    ``params`` lists the wasm types ("i32" or "i64"); :meth:`HostCall.arg` reads the i32 ones.
+    ``native`` is the address of a host function in :mod:`kwasm.runtime._native`: it serves the
+    calls it can and hands the others to ``impl`` (None when it serves them all).
+    """
+
+    python = 0 if impl is None else _python_host_function(impl)
+    if native is None and not python:
+        raise ValueError(f"{module}.{name} needs a Python or a native implementation")
+    callback = ctypes.cast(native or python, ffi.wasmtime_func_async_callback_t)
+    env = python if native else 0  # the native function hands what it does not serve to the Python one
     types = {"i32": wasmtime.ValType.i32(), "i64": wasmtime.ValType.i64()}
     functype = wasmtime.FuncType([types[p] for p in params], [wasmtime.ValType.i32()])
     module_bytes, name_bytes = module.encode(), name.encode()
     err = ffi.wasmtime_linker_define_async_func(
         linker.ptr(), _chars(module_bytes), len(module_bytes), _chars(name_bytes), len(name_bytes),
-        functype.ptr(), callback, None, _NULL_FINALIZER,
+        functype.ptr(), callback, env or None, _NULL_FINALIZER,
     )
     if err:
         raise wasmtime.WasmtimeError._from_ptr(err)
@@ -377,16 +395,26 @@ class WasiConfig:
 
 
 class Store:
-    """A wasmtime store for one guest, created with an integer key its host calls can read back."""
+    """A wasmtime store for one guest; its data is the guest's :class:`GuestCell` (host calls read its key)."""
 
     # Plain addresses, not ctypes pointer objects: a sleeping guest's store adds no cyclic-GC work.
-    __slots__ = ("_address", "_context_address", "key")
+    __slots__ = ("_address", "_context_address", "cell")
 
-    def __init__(self, engine: wasmtime.Engine, key: int) -> None:
-        self.key = key
-        store = ffi.wasmtime_store_new(engine.ptr(), key, _NULL_FINALIZER)
+    def __init__(self, engine: wasmtime.Engine, cell: GuestCell) -> None:
+        self.cell = cell
+        store = ffi.wasmtime_store_new(engine.ptr(), cell.address, _NULL_FINALIZER)
         self._address = int(c_void_p.from_buffer(store).value or 0)
         self._context_address = int(c_void_p.from_buffer(ffi.wasmtime_store_context(store)).value or 0)
+        _native.cell_set_store(cell.address, self._context_address, 0)
+
+    @property
+    def key(self) -> int:
+        """The guest's key (what :meth:`HostCall.store_key` returns for its calls)."""
+        return self.cell.key
+
+    def bind_memory(self, memory: int) -> None:
+        """Tell the native host functions where the guest's memory handle is (see :func:`pin_exports`)."""
+        _native.cell_set_store(self.cell.address, self._context_address, memory)
 
     @property
     def context_address(self) -> int:
@@ -420,13 +448,14 @@ class Store:
     def delete(self) -> None:
         """Free the store and everything in it (the call future must be deleted first)."""
         if self._address:
+            _native.cell_set_store(self.cell.address, 0, 0)
             ffi.wasmtime_store_delete(self._ptr)
             self._address = 0
 
     def instantiate(self, pre: InstancePre) -> Instance:
         """Instantiate a pre-linked module in this store (polled to completion)."""
         instance = ffi.wasmtime_instance_t()
-        _running.key = self.key
+        _native.set_running_key(self.key)
         _run_to_completion(
             lambda trap, err: ffi.wasmtime_instance_pre_instantiate_async(
                 pre.ptr, self._context, byref(instance), trap, err
@@ -537,29 +566,29 @@ class CallFuture:
     """An async call of a no-argument function, advanced by :meth:`poll`.
 
     ``func`` is a handle from :meth:`Instance.func` or the address of one (see :func:`pin_exports`);
-    wasmtime reads it lazily, so the caller keeps it alive as long as the future.
+    wasmtime reads it lazily, so the caller keeps it alive as long as the future. A store runs one
+    future at a time: it is the one its guest cell's native wake-ups poll.
     """
 
-    __slots__ = ("_address", "_context", "_key", "_outcome")
+    __slots__ = ("_address", "_cell", "_outcome")
 
     def __init__(self, store: Store, func: Any) -> None:
-        self._key = store.key
-        self._context = store._context_address
+        self._cell = store.cell.address
         self._outcome = _OUTCOMES.take()
         func_address = func if isinstance(func, int) else ctypes.addressof(func)
         self._address: int = _call_async(
-            self._context, func_address, None, 0, None, 0, self._outcome, self._outcome + 8
+            store.context_address, func_address, None, 0, None, 0, self._outcome, self._outcome + 8
         ) or 0
+        _native.cell_set_future(self._cell, self._address)
 
     def poll(self) -> bool:
         """Give the guest a fresh time slice (one epoch tick) and run it until it suspends (False) or ends (True)."""
-        _running.key = self._key
-        _set_epoch_deadline(self._context, 1)
-        return bool(_future_poll(self._address))
+        return _native.poll(self._cell)
 
     def delete(self) -> None:
         """Drop the future (a suspended guest is abandoned; its fiber is unwound)."""
         if self._address:
+            _native.cell_set_future(self._cell, 0)
             _future_delete(self._address)
             self._address = 0
             _OUTCOMES.give_back(self._outcome)

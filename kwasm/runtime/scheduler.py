@@ -3,24 +3,26 @@
 Each guest's ``_start`` is a wasmtime call future. A guest runs until it suspends in an async host
 call (a sleep, a read on an empty pipe, a write to a full FIFO, ``sched_yield``) or until an epoch
 tick makes it yield. The thread then waits in ``epoll`` for the earliest timer, a readable stdin, a
-writable FIFO, or a message from another thread (a new guest, a kill, stop). Timers live in a heap,
-so an idle guest costs no CPU at all.
+writable FIFO, or a message from another thread (a new guest, a kill, stop). Timers live in a
+native heap (:class:`kwasm.runtime._native.TimerHeap`), so an idle guest costs no CPU at all, and a
+guest that wakes from a plain sleep, runs and sleeps again never enters Python: the heap runs it
+and its next ``poll_oneoff`` is answered natively. Python sees only what needs it: a guest that
+finished, timed out, yielded on an epoch tick or waits on a Python continuation.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import heapq
 import logging
-import math
 import os
 import select
 import threading
 import time
 from typing import Protocol
 
-from kwasm.runtime.cells import MEMORY, ReadyFlag
+from kwasm.runtime import _native
+from kwasm.runtime.cells import GuestCell
 from kwasm.runtime.guest import ExitReason
 
 log = logging.getLogger(__name__)
@@ -29,19 +31,18 @@ log = logging.getLogger(__name__)
 class Task(Protocol):
     """What the scheduler needs from a guest."""
 
-    #: Unique among the tasks of one scheduler.
+    #: Unique among the tasks of one scheduler (the key of its cell).
     id: int
-    wait_seq: int
-    ready_flag: ReadyFlag
+    cell: GuestCell
 
     def run_slice(self) -> bool:
         """Poll the guest once; True when it has finished (and has been cleaned up)."""
 
+    def conclude(self) -> None:
+        """Clean up a guest whose last slice (run natively) finished it."""
+
     def abort(self, reason: ExitReason) -> None:
         """Stop a guest that is not running right now (killed, timed out, or failed in the host)."""
-
-
-_TIMEOUT = -1  # the sequence number of a heap entry that enforces GuestSpec.timeout
 
 
 class Scheduler:
@@ -52,12 +53,8 @@ class Scheduler:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
         self._epoll.register(self._wake_fd, select.EPOLLIN)
-        # Timers: a heap of distinct due times (plain floats compare fastest) and, per due time, the
-        # wait it ends as ``(wait_seq, task id)``. Entries hold only numbers: Python's cyclic GC stops
-        # tracking them, so many pending sleeps do not make its full collections longer.
-        self._timers: list[float] = []
-        self._timer_entries: dict[float, tuple[int, int]] = {}
-        self._runnable: collections.deque[tuple[Task, float]] = collections.deque()
+        self._timers = _native.TimerHeap()
+        self._runnable: collections.deque[Task] = collections.deque()
         self._fd_waiters: dict[int, list[tuple[int, Task]]] = {}
         self._tasks: dict[int, Task] = {}
         self._stopping = False
@@ -117,34 +114,16 @@ class Scheduler:
         An fd is waited on in one direction only (stdin for reading, a FIFO stdout/stderr for writing);
         errors and hang-ups wake its waiters too, so a write end whose reader left is woken.
         """
-        task.wait_seq += 1
-        task.ready_flag.clear()
+        seq = task.cell.new_wait()
         if deadline is not None:
-            self._add_timer(deadline, task.wait_seq, task.id)
+            self._timers.push(deadline, seq, task.id, task.cell.address)
         if fd is not None:
             waiters = self._fd_waiters.get(fd)
             if waiters is None:
-                self._fd_waiters[fd] = [(task.wait_seq, task)]
+                self._fd_waiters[fd] = [(seq, task)]
                 self._epoll.register(fd, select.EPOLLOUT if writable else select.EPOLLIN)
             else:
-                waiters.append((task.wait_seq, task))
-
-    def sleep_until(self, task: Task, deadline: float) -> None:
-        """:meth:`suspend` with only a deadline (a guest's sleep: the hot path)."""
-        task.wait_seq = seq = task.wait_seq + 1
-        MEMORY[task.ready_flag.address] = 0
-        entries = self._timer_entries
-        while deadline in entries:  # due times are keys: a tie moves to the next float
-            deadline = math.nextafter(deadline, math.inf)
-        entries[deadline] = (seq, task.id)
-        heapq.heappush(self._timers, deadline)
-
-    def _add_timer(self, deadline: float, seq: int, task_id: int) -> None:
-        entries = self._timer_entries
-        while deadline in entries:
-            deadline = math.nextafter(deadline, math.inf)
-        entries[deadline] = (seq, task_id)
-        heapq.heappush(self._timers, deadline)
+                waiters.append((seq, task))
 
     def release_fd(self, fd: int) -> None:
         """Forget every wait on ``fd`` before its owner closes it."""
@@ -153,14 +132,16 @@ class Scheduler:
 
     # ---- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:
+        self._timers.bind()  # this thread's guests queue their sleeps on it natively
         try:
             while not self._stopping:
                 self._drain_inbox()
                 self._wake_due_timers()
                 for _ in range(len(self._runnable)):
-                    self._run_one(*self._runnable.popleft())
+                    self._run_one(self._runnable.popleft())
                 self._wait_for_events()
         finally:
+            self._timers.unbind()
             self._drain_inbox()
             for task in list(self._tasks.values()):
                 task.abort(ExitReason.KILLED)
@@ -172,9 +153,10 @@ class Scheduler:
             op, task, arg = self._inbox.popleft()
             if op == "start":
                 self._tasks[task.id] = task
-                self._runnable.append((task, 0.0))
+                self._timers.adopt(task.cell.address)
+                self._runnable.append(task)
                 if isinstance(arg, (int, float)):  # GuestSpec.timeout: an int of seconds is fine too
-                    self._add_timer(time.monotonic() + arg, _TIMEOUT, task.id)
+                    self._timers.push_timeout(time.monotonic() + arg, task.id)
             elif self._tasks.get(task.id) is task and isinstance(arg, ExitReason):
                 self._reap(task, arg)
 
@@ -184,28 +166,31 @@ class Scheduler:
         task.abort(reason)
 
     def _wake_due_timers(self) -> None:
-        now = time.monotonic()
-        timers, entries, tasks = self._timers, self._timer_entries, self._tasks
-        while timers and timers[0] <= now:
-            due = heapq.heappop(timers)
-            seq, task_id = entries.pop(due)
+        tasks = self._tasks
+        for kind, task_id in self._timers.run_due(time.monotonic(), self.wake_lags):
             task = tasks.get(task_id)
             if task is None:
                 continue
-            if seq == task.wait_seq:
-                flag = task.ready_flag.address
-                if not MEMORY[flag]:
-                    MEMORY[flag] = 1
-                    self._runnable.append((task, due))
-            elif seq == _TIMEOUT:
+            if kind == _native.RUNNABLE:
+                self._runnable.append(task)
+            elif kind == _native.FINISHED:
+                self._conclude(task)
+            else:
                 self._reap(task, ExitReason.TIMEOUT)
 
-    def _run_one(self, task: Task, due: float) -> None:
+    def _conclude(self, task: Task) -> None:
+        del self._tasks[task.id]
+        self._reaped += 1
+        try:
+            task.conclude()
+        except Exception:  # as in _run_one: a host-side bug must not end this thread
+            log.exception("guest %r failed on scheduler thread %s", task, self._thread.name)
+            task.abort(ExitReason.TRAPPED)
+
+    def _run_one(self, task: Task) -> None:
         if self._tasks.get(task.id) is not task:
             return
-        if due and self.wake_lags is not None:
-            self.wake_lags.append(time.monotonic() - due)
-        seq = task.wait_seq
+        seq = task.cell.wait
         try:
             finished = task.run_slice()
         except Exception:  # a host-side bug must not end the thread that runs every other guest
@@ -215,15 +200,15 @@ class Scheduler:
         if finished:
             del self._tasks[task.id]
             self._reaped += 1
-        elif task.wait_seq == seq:  # no new wait registered: it yielded on an epoch tick
-            self._runnable.append((task, 0.0))
+        elif task.cell.wait == seq:  # no new wait registered: it yielded on an epoch tick
+            self._runnable.append(task)
 
     def _wait_for_events(self) -> None:
         self._sleeping = True
         if self._runnable or self._inbox or self._stopping:
             timeout = 0.0
-        elif self._timers:
-            timeout = max(0.0, self._timers[0] - time.monotonic())
+        elif (due := self._timers.next_due()) is not None:
+            timeout = max(0.0, due - time.monotonic())
         else:
             timeout = -1.0
         events = self._epoll.poll(timeout)
@@ -236,6 +221,6 @@ class Scheduler:
                 continue
             self._epoll.unregister(fd)
             for seq, task in self._fd_waiters.pop(fd, []):
-                if seq == task.wait_seq and not task.ready_flag.is_set() and self._tasks.get(task.id) is task:
-                    task.ready_flag.set()
-                    self._runnable.append((task, 0.0))
+                if seq == task.cell.wait and not task.cell.is_set() and self._tasks.get(task.id) is task:
+                    task.cell.set()
+                    self._runnable.append(task)

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import wasmtime
 
-from kwasm.runtime import ffi
-from kwasm.runtime.cells import MEMORY, U32, U64, ReadyFlag
+from kwasm.runtime import _native, ffi
+from kwasm.runtime.cells import MEMORY, U32, GuestCell
 from kwasm.runtime.ffi import Continuation, HostCall
 
 WASI = "wasi_snapshot_preview1"
@@ -58,7 +58,7 @@ class Waiter(Protocol):
     stdin_fd: int | None
     #: Guest fd (1, 2) → our non-blocking write end of its FIFO; None when no output is a FIFO.
     output_fds: dict[int, int] | None
-    ready_flag: ReadyFlag
+    cell: GuestCell
     #: Built-in ``fd_read`` / ``fd_write`` bound to the guest's memory, by name (made on first use).
     builtins: dict[str, object] | None
 
@@ -67,9 +67,6 @@ class Waiter(Protocol):
 
     def suspend(self, deadline: float | None, fd: int | None, *, writable: bool = False) -> None:
         """Sleep until ``deadline`` (monotonic seconds) or until ``fd`` is readable (writable if ``writable``)."""
-
-    def sleep_until(self, deadline: float) -> None:
-        """Sleep until ``deadline`` (monotonic seconds)."""
 
     def take_wakeup(self) -> bool:
         """True (once) if the scheduler has woken this guest since it suspended."""
@@ -133,38 +130,27 @@ class Shadows:
 
     def install(self, linker: wasmtime.Linker, *, async_stdin: bool, async_output: bool) -> None:
         """Shadow the waits in ``linker``, and ``fd_read`` / ``fd_write`` if ``async_stdin`` / ``async_output``."""
-        ffi.define_async(linker, WASI, "poll_oneoff", ["i32"] * 4, self.poll_oneoff)
+        ffi.define_async(linker, WASI, "poll_oneoff", ["i32"] * 4, self.poll_oneoff, native=_native.POLL_ONEOFF)
         ffi.define_async(linker, WASI, "sched_yield", [], self.sched_yield)
-        ffi.define_async(linker, WASI, "clock_time_get", ["i32", "i64", "i32"], self.clock_time_get)
+        ffi.define_async(linker, WASI, "clock_time_get", ["i32", "i64", "i32"], None, native=_native.CLOCK_TIME_GET)
         if async_stdin:
             ffi.define_async(linker, WASI, "fd_read", ["i32"] * 4, self.fd_read)
         if async_output:
             ffi.define_async(linker, WASI, "fd_write", ["i32"] * 4, self.fd_write)
 
-    def clock_time_get(self, call: HostCall) -> Continuation | None:
-        """``clock_time_get(id, precision, *time)``: the host clocks the scheduler also uses."""
-        now = _clock_now(call.arg(0))
-        if now is None:
-            call.set_result(ERRNO_INVAL)
-            return None
-        base, size = self._lookup(call.store_key()).memory_region()
-        pointer = call.arg(2)
-        if pointer + 8 > size:
-            call.set_result(ERRNO_FAULT)
-            return None
-        U64.pack_into(MEMORY, base + pointer, now)
-        call.set_result(ERRNO_SUCCESS)
-        return None
-
-    def sched_yield(self, call: HostCall) -> ReadyFlag:
+    def sched_yield(self, call: HostCall) -> GuestCell:
         """``sched_yield()``: go to the back of the run queue."""
         guest = self._lookup(call.store_key())
         call.set_result(ERRNO_SUCCESS)
         guest.suspend(time.monotonic(), None)
-        return guest.ready_flag
+        return guest.cell
 
-    def poll_oneoff(self, call: HostCall) -> Continuation | ReadyFlag | None:
-        """``poll_oneoff(in, out, nsubscriptions, *nevents)`` with clocks (relative, absolute) and fds."""
+    def poll_oneoff(self, call: HostCall) -> Continuation | GuestCell | None:
+        """``poll_oneoff(in, out, nsubscriptions, *nevents)`` with clocks (relative, absolute) and fds.
+
+        The native ``poll_oneoff`` serves a lone realtime or monotonic clock on a scheduler thread
+        (a plain sleep) and hands every other call here.
+        """
         guest = self._lookup(call.store_key())
         sub_ptr, event_ptr, count, nevents_ptr = call.args4()
         base, size = guest.memory_region()
@@ -175,17 +161,6 @@ class Shadows:
             call.set_result(ERRNO_FAULT)
             return None
         call.set_result(ERRNO_SUCCESS)
-        if count == 1:  # the common case (a plain sleep): no per-call objects
-            userdata, tag, clock, timeout, _precision, flags = _SUBSCRIPTION.unpack_from(MEMORY, base + sub_ptr)
-            if tag == EVENT_CLOCK and clock in (CLOCK_MONOTONIC, CLOCK_REALTIME):
-                if flags & SUBCLOCK_ABSTIME:
-                    timeout = max(0, timeout - (time.monotonic_ns() if clock else time.time_ns()))
-                _EVENT.pack_into(MEMORY, base + event_ptr, userdata, 0, EVENT_CLOCK, 0, 0)
-                U32.pack_into(MEMORY, base + nevents_ptr, 1)
-                if timeout == 0:
-                    return None
-                guest.sleep_until(time.monotonic() + timeout / 1e9)
-                return guest.ready_flag
         raw = bytes(MEMORY[base + sub_ptr : base + sub_ptr + 48 * count])
         subs = [Subscription(raw[48 * i : 48 * i + 48]) for i in range(count)]
         if all(sub.tag == EVENT_CLOCK and not sub.error for sub in subs):
@@ -199,7 +174,7 @@ class Shadows:
             if first <= time.monotonic():
                 return None
             guest.suspend(first, None)
-            return guest.ready_flag
+            return guest.cell
 
         def complete() -> bool:
             events = self._ready_events(guest, subs)
