@@ -467,9 +467,8 @@ static PyObject *native_cell_new(PyObject *module, PyObject *arg) {
     cell_t *cell = free_cells;
     free_cells = cell->next_free;
     PyThread_release_lock(cells_lock);
-    uint64_t seq = cell->wait_seq; /* keep the sequence: a stale timer must never match a new wait */
     memset(cell, 0, sizeof *cell);
-    cell->wait_seq = seq;
+    cell->wait_seq = next_seq(); /* newer than any timer or fd wait still naming this cell */
     cell->key = key;
     return PyLong_FromVoidPtr(cell);
 }
