@@ -13,7 +13,7 @@
  *     entering Python, and reports only what needs Python (a finished guest, a timeout, a guest
  *     that yielded or still waits on a Python continuation).
  *
- * wasmtime's functions are reached through addresses handed over by kwasm/runtime/ffi.py (init),
+ * wasmtime's functions are reached through addresses handed over by kwasm/runtime/ffi/_base.py (init),
  * so nothing here links against libwasmtime or needs its headers; the few ABI facts used
  * (continuation struct, wasmtime_val_t size and payload offset, subscription and event layouts)
  * are those of the wasmtime C API and WASI preview1.
