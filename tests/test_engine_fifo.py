@@ -19,7 +19,9 @@ from guests.toolchain import compile_c
 from test_engine import Collector, eventually
 
 from kwasm.runtime.engine import Engine, Guest
+from kwasm.runtime.ffi import HostCall
 from kwasm.runtime.guest import EXIT_KILLED, ExitReason, GuestSpec, Preopen, Stdio
+from kwasm.runtime.wasi import Shadows
 
 MIB = 1 << 20
 #: Linux's default pipe capacity: a writer nobody drains stops after this many bytes.
@@ -105,6 +107,31 @@ def test_close_returns_promptly_with_a_blocked_writer(probe: Path, fifo: tuple[P
     assert time.monotonic() - started < 2.0
     exit = writer.wait(0)
     assert exit is not None and exit.code == EXIT_KILLED
+
+
+def test_writes_the_pipe_takes_stay_native_and_a_full_pipe_waits_in_python(
+    probe: Path, fifo: tuple[Path, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, reader = fifo
+    python_writes: list[int] = []
+    python_fd_write = Shadows.fd_write
+
+    def counting(self: Shadows, call: HostCall) -> object:
+        python_writes.append(call.arg(0))
+        return python_fd_write(self, call)
+
+    monkeypatch.setattr(Shadows, "fd_write", counting)  # before the engine's linkers are made
+    with Engine(threads=1, cache_dir=tmp_path / "cache") as runtime:
+        errors = Collector()
+        fits = flood(runtime, probe, path, 16 << 10, 4096, errors)
+        assert (exit := fits.wait(20)) is not None and exit.code == 0, errors.text
+        assert pending(reader) == (16 << 10) + len(b"flooded 16384\n")
+        assert python_writes == [], "writes that fit in the pipe go straight from guest memory to the FIFO"
+        os.read(reader, MIB)
+        overflows = flood(runtime, probe, path, 4 * PIPE_CAPACITY, 4096, errors)
+        assert eventually(lambda: python_writes != []), "a full pipe is handed to Python, which suspends the guest"
+        overflows.kill()
+        assert overflows.wait(5) is not None
 
 
 @pytest.mark.parametrize("chunk", [4096, MIB], ids=["4KiB-writes", "one-1MiB-write"])

@@ -6,9 +6,10 @@
  *
  *   - a guest cell: the native record of one guest (wake-up flag, wait sequence, store context,
  *     memory handle, call future), the data pointer of the guest's wasmtime store;
- *   - poll_oneoff and clock_time_get as wasmtime async host functions: a plain sleep (one clock
- *     subscription) is answered here and queued on the calling thread's timer heap; every other
- *     call is handed to the Python implementation whose ctypes callback is the function's env;
+ *   - poll_oneoff, clock_time_get and fd_write as wasmtime async host functions: a plain sleep (one
+ *     clock subscription) is answered here and queued on the calling thread's timer heap, a write to
+ *     a FIFO stdout/stderr goes straight to the pipe; every other call (or a full pipe) is handed to
+ *     the Python implementation whose ctypes callback is the function's env;
  *   - a timer heap per scheduler thread whose run_due() wakes and runs every due guest without
  *     entering Python, and reports only what needs Python (a finished guest, a timeout, a guest
  *     that yielded or still waits on a Python continuation).
@@ -23,7 +24,9 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <errno.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <time.h>
 
 typedef struct {
@@ -50,7 +53,8 @@ static set_epoch_deadline_fn set_epoch_deadline;
 static void *flag_is_set; /* libc strlen: 1 when a cell's flag byte is set, else 0 */
 static size_t val_size, val_payload;
 
-enum { ERRNO_SUCCESS = 0, ERRNO_FAULT = 21, ERRNO_INVAL = 28 };
+enum { ERRNO_SUCCESS = 0, ERRNO_FAULT = 21, ERRNO_INVAL = 28, ERRNO_IO = 29, ERRNO_PIPE = 64 };
+#define MAX_IOVS 1024 /* Linux's IOV_MAX: writev(2) refuses more */
 enum { KIND_TIMED_OUT = 0, KIND_FINISHED = 1, KIND_RUNNABLE = 2 };
 #define TIMEOUT_SEQ UINT64_MAX
 
@@ -66,6 +70,7 @@ typedef struct cell {
     void *memory;      /* address of the guest's pinned wasmtime_memory_t, or NULL */
     void *future;      /* wasmtime_call_future_t * of its _start, or NULL before the first run */
     void *heap;        /* the TimerHeap of the scheduler that runs it, or NULL before it is adopted */
+    int outputs[2];    /* non-blocking host fds behind guest fds 1 and 2 (FIFOs), or -1 */
     struct cell *next_free;
 } cell_t;
 
@@ -262,6 +267,58 @@ static void clock_time_get(void *env, void *caller, const uint8_t *args, size_t 
         set_result(results, ERRNO_SUCCESS);
     }
     complete_now(cont);
+}
+
+/* fd_write(fd, iovs, iovs_len, *nwritten) on a FIFO stdout/stderr: one non-blocking writev(2) from
+ * guest memory. A full pipe with nothing written goes to the Python implementation (env), which
+ * suspends the guest until the pipe is writable; a short write is reported as such (the guest's
+ * write loop sends the rest). Other fds go to Python too (it calls wasmtime's built-in fd_write). */
+static void fd_write(void *env, void *caller, const uint8_t *args, size_t nargs, uint8_t *results,
+                     size_t nresults, void **trap, continuation_t *cont) {
+    cell_t *cell;
+    uint8_t *base;
+    size_t size;
+    uint32_t fd = arg_u32(args, 0), count = arg_u32(args, 2);
+    uint64_t iovs = arg_u32(args, 1), nwritten = arg_u32(args, 3);
+    if ((fd == 1 || fd == 2) && guest_memory(caller, &cell, &base, &size) && cell->outputs[fd - 1] >= 0) {
+        /* Per thread, not on the stack: host functions run on the guest's fiber stack, and every
+         * page touched there stays resident for as long as the guest lives. */
+        static __thread struct iovec vectors[MAX_IOVS];
+        if (count > MAX_IOVS) {
+            set_result(results, ERRNO_INVAL);
+            complete_now(cont);
+            return;
+        }
+        bool in_bounds = iovs + 8 * (uint64_t)count <= size && nwritten + 4 <= size;
+        for (uint32_t i = 0; in_bounds && i < count; i++) {
+            uint32_t pointer, length;
+            memcpy(&pointer, base + iovs + 8 * i, 4);
+            memcpy(&length, base + iovs + 8 * i + 4, 4);
+            in_bounds = (uint64_t)pointer + length <= size;
+            vectors[i].iov_base = base + pointer;
+            vectors[i].iov_len = length;
+        }
+        if (!in_bounds) {
+            set_result(results, ERRNO_FAULT);
+            complete_now(cont);
+            return;
+        }
+        ssize_t written = count ? writev(cell->outputs[fd - 1], vectors, (int)count) : 0;
+        if (written < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            ((host_fn)env)(NULL, caller, args, nargs, results, nresults, trap, cont);
+            return;
+        }
+        if (written < 0) {
+            set_result(results, errno == EPIPE ? ERRNO_PIPE : ERRNO_IO);
+        } else {
+            uint32_t done = (uint32_t)written;
+            memcpy(base + nwritten, &done, 4);
+            set_result(results, ERRNO_SUCCESS);
+        }
+        complete_now(cont);
+        return;
+    }
+    ((host_fn)env)(NULL, caller, args, nargs, results, nresults, trap, cont);
 }
 
 /* ---- running a guest ----------------------------------------------------------------------- */
@@ -468,6 +525,7 @@ static PyObject *native_cell_new(PyObject *module, PyObject *arg) {
     free_cells = cell->next_free;
     PyThread_release_lock(cells_lock);
     memset(cell, 0, sizeof *cell);
+    cell->outputs[0] = cell->outputs[1] = -1;
     cell->wait_seq = next_seq(); /* newer than any timer or fd wait still naming this cell */
     cell->key = key;
     return PyLong_FromVoidPtr(cell);
@@ -480,6 +538,7 @@ static PyObject *native_cell_free(PyObject *module, PyObject *address) {
         return NULL;
     cell->key = 0;
     cell->future = cell->context = cell->memory = NULL;
+    cell->outputs[0] = cell->outputs[1] = -1;
     PyThread_acquire_lock(cells_lock, WAIT_LOCK);
     cell->next_free = free_cells;
     free_cells = cell;
@@ -511,6 +570,20 @@ static PyObject *native_cell_set_future(PyObject *module, PyObject *args) {
     if (cell == NULL)
         return NULL;
     cell->future = (void *)(uintptr_t)future;
+    Py_RETURN_NONE;
+}
+
+static PyObject *native_cell_set_outputs(PyObject *module, PyObject *args) {
+    PyObject *address;
+    int stdout_fd, stderr_fd;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "Oii", &address, &stdout_fd, &stderr_fd))
+        return NULL;
+    cell_t *cell = cell_of(address);
+    if (cell == NULL)
+        return NULL;
+    cell->outputs[0] = stdout_fd;
+    cell->outputs[1] = stderr_fd;
     Py_RETURN_NONE;
 }
 
@@ -566,6 +639,8 @@ static PyMethodDef native_methods[] = {
     {"cell_set_store", native_cell_set_store, METH_VARARGS,
      "cell_set_store(cell, context, memory): the guest's store context and pinned memory handle (0: none)."},
     {"cell_set_future", native_cell_set_future, METH_VARARGS, "cell_set_future(cell, future): its _start call (0: none)."},
+    {"cell_set_outputs", native_cell_set_outputs, METH_VARARGS,
+     "cell_set_outputs(cell, stdout_fd, stderr_fd): the FIFO fds the native fd_write writes to (-1: none)."},
     {"cell_new_wait", native_cell_new_wait, METH_O, "Start a new wait: a fresh sequence number, flag cleared."},
     {"cell_wait", native_cell_wait, METH_O, "The sequence number of the cell's current wait."},
     {"poll", native_poll, METH_O, "Run one slice of the guest of a bound cell; True once it has finished."},
@@ -592,6 +667,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyModule_AddObject(module, "TimerHeap", (PyObject *)&TimerHeapType) < 0 ||
         PyModule_AddObject(module, "POLL_ONEOFF", PyLong_FromVoidPtr((void *)poll_oneoff)) < 0 ||
         PyModule_AddObject(module, "CLOCK_TIME_GET", PyLong_FromVoidPtr((void *)clock_time_get)) < 0 ||
+        PyModule_AddObject(module, "FD_WRITE", PyLong_FromVoidPtr((void *)fd_write)) < 0 ||
         PyModule_AddIntConstant(module, "TIMED_OUT", KIND_TIMED_OUT) < 0 ||
         PyModule_AddIntConstant(module, "FINISHED", KIND_FINISHED) < 0 ||
         PyModule_AddIntConstant(module, "RUNNABLE", KIND_RUNNABLE) < 0) {

@@ -331,6 +331,8 @@ class Engine:
             store.bind_memory(memory)
         guest.stdin_fd = setup.stdin_fd
         guest.output_fds = setup.output_fds
+        if setup.output_fds:
+            store.bind_outputs(setup.output_fds.get(1, -1), setup.output_fds.get(2, -1))
         guest._owned_fds = tuple(setup.owned_fds)
         with self._lock:
             self._guests[guest.id] = guest

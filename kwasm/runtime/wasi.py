@@ -136,7 +136,7 @@ class Shadows:
         if async_stdin:
             ffi.define_async(linker, WASI, "fd_read", ["i32"] * 4, self.fd_read)
         if async_output:
-            ffi.define_async(linker, WASI, "fd_write", ["i32"] * 4, self.fd_write)
+            ffi.define_async(linker, WASI, "fd_write", ["i32"] * 4, self.fd_write, native=_native.FD_WRITE)
 
     def sched_yield(self, call: HostCall) -> GuestCell:
         """``sched_yield()``: go to the back of the run queue."""
@@ -276,7 +276,9 @@ class Shadows:
 
         Like a blocking write to a pipe, the call returns once every byte is in the pipe (the guest
         waits, suspended, while it is full), so nothing is buffered here and nothing is lost at exit.
-        A reader that went away is ``EPIPE`` (or the count written before it left).
+        A reader that went away is ``EPIPE`` (or the count written before it left). The native
+        ``fd_write`` serves every write the pipe takes at once and hands only a full pipe (and fds
+        that are not FIFOs) to this one.
         """
         fd = call.arg(0)
         guest = self._lookup(call.store_key())

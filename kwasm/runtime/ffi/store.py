@@ -69,6 +69,10 @@ class Store:
         """The guest's key (what :meth:`HostCall.store_key` returns for its calls)."""
         return self.cell.key
 
+    def bind_outputs(self, stdout_fd: int, stderr_fd: int) -> None:
+        """The non-blocking FIFO fds behind the guest's fds 1 and 2 (-1: not a FIFO), for the native fd_write."""
+        _native.cell_set_outputs(self.cell.address, stdout_fd, stderr_fd)
+
     def bind_memory(self, memory: int) -> None:
         """Tell the native host functions where the guest's memory handle is (see :func:`pin_exports`)."""
         _native.cell_set_store(self.cell.address, self._context_address, memory)
@@ -106,6 +110,7 @@ class Store:
         """Free the store and everything in it (the call future must be deleted first)."""
         if self._address:
             _native.cell_set_store(self.cell.address, 0, 0)
+            _native.cell_set_outputs(self.cell.address, -1, -1)
             ffi.wasmtime_store_delete(self._ptr)
             self._address = 0
 
