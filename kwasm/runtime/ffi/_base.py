@@ -29,6 +29,26 @@ _ERRNO_IO = 29
 # Short, non-blocking calls, bound through PyDLL so they keep the GIL: releasing it for a few
 # nanoseconds of work would hand it to another scheduler thread at every call.
 _held = ctypes.PyDLL(ffi.dll._name)
+
+
+class _HoldingGil:
+    """wasmtime's C functions by name, with wasmtime-py's argument types, called without releasing the GIL.
+
+    wasmtime-py binds them through ``CDLL``, which releases the GIL around every call. Starting a
+    guest makes ~15 such calls of a few microseconds each; every release lets a scheduler thread
+    take the GIL, and the starting thread (the sandboxer's event loop) then waits to get it back.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        released = getattr(ffi.dll, name)
+        held = getattr(_held, name)
+        held.argtypes, held.restype = released.argtypes, released.restype
+        setattr(self, name, held)
+        return held
+
+
+#: ``held.wasmtime_store_new(...)`` etc.: see :class:`_HoldingGil`.
+held = _HoldingGil()
 _memory_data = _held.wasmtime_memory_data
 _memory_data.restype = c_void_p
 _memory_data.argtypes = [c_void_p, c_void_p]
@@ -67,13 +87,19 @@ def _trap_message(trap: Any) -> str:
     return summarize(str(wasmtime.Trap._from_ptr(trap)))
 
 
-def _run_to_completion(start: Callable[[Any, Any], Any]) -> None:
+def _run_to_completion(start: Callable[[Any, Any], Any], *, hold_gil: bool = False) -> None:
+    """Start a call future with ``start(trap_out, error_out)`` and poll it until it completes.
+
+    Release the GIL while polling unless ``hold_gil``: wasm run by the future may call wasmtime's
+    built-in WASI functions, and those hand output to Python callbacks on threads of their own.
+    """
     trap = POINTER(ffi.wasm_trap_t)()
     err = POINTER(ffi.wasmtime_error_t)()
     future = start(byref(trap), byref(err))
-    while not ffi.wasmtime_call_future_poll(future):
+    poll = held.wasmtime_call_future_poll if hold_gil else ffi.wasmtime_call_future_poll
+    while not poll(future):
         pass
-    ffi.wasmtime_call_future_delete(future)
+    held.wasmtime_call_future_delete(future)
     if err:
         raise OSError(_error_message(err))
     if trap:

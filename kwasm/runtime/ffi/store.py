@@ -23,16 +23,18 @@ from kwasm.runtime.ffi._base import (
     _NULL_FINALIZER,
     _chars,
     _error_message,
+    _held,
     _memory_data,
     _memory_data_size,
     _run_to_completion,
     _trap_message,
+    held,
 )
 from kwasm.runtime.ffi.wasi_config import WasiConfig
 from kwasm.runtime.settings import EngineSettings
 
 # The header declares this one as returning an error, but the library's function is void.
-_epoch_yield = ffi.dll.wasmtime_context_epoch_deadline_async_yield_and_update
+_epoch_yield = _held.wasmtime_context_epoch_deadline_async_yield_and_update
 _epoch_yield.restype = None
 _epoch_yield.argtypes = [POINTER(ffi.wasmtime_context_t), c_uint64]
 
@@ -55,13 +57,14 @@ class Store:
     """A wasmtime store for one guest; its data is the guest's :class:`GuestCell` (host calls read its key)."""
 
     # Plain addresses, not ctypes pointer objects: a sleeping guest's store adds no cyclic-GC work.
-    __slots__ = ("_address", "_context_address", "cell")
+    __slots__ = ("_address", "_calls_python", "_context_address", "cell")
 
     def __init__(self, engine: wasmtime.Engine, cell: GuestCell) -> None:
         self.cell = cell
-        store = ffi.wasmtime_store_new(engine.ptr(), cell.address, _NULL_FINALIZER)
+        self._calls_python = False
+        store = held.wasmtime_store_new(engine.ptr(), cell.address, _NULL_FINALIZER)
         self._address = int(c_void_p.from_buffer(store).value or 0)
-        self._context_address = int(c_void_p.from_buffer(ffi.wasmtime_store_context(store)).value or 0)
+        self._context_address = int(c_void_p.from_buffer(held.wasmtime_store_context(store)).value or 0)
         _native.cell_set_store(cell.address, self._context_address, 0)
 
     @property
@@ -93,17 +96,18 @@ class Store:
     def set_wasi(self, config: WasiConfig) -> None:
         """Install the WASI context (consumes ``config``)."""
         ptr, config._ptr = config._ptr, None
-        err = ffi.wasmtime_context_set_wasi(self._context, ptr)
+        self._calls_python = config.calls_python
+        err = held.wasmtime_context_set_wasi(self._context, ptr)
         if err:
             raise OSError(_error_message(err))
 
     def limit_memory(self, max_bytes: int) -> None:
         """Cap the size of every linear memory of this store."""
-        ffi.wasmtime_store_limiter(self._ptr, max_bytes, -1, -1, -1, -1)
+        held.wasmtime_store_limiter(self._ptr, max_bytes, -1, -1, -1, -1)
 
     def yield_on_epoch(self) -> None:
         """Make running wasm yield to the scheduler on every engine epoch tick."""
-        ffi.wasmtime_context_set_epoch_deadline(self._context, 1)
+        held.wasmtime_context_set_epoch_deadline(self._context, 1)
         _epoch_yield(self._context, 1)
 
     def delete(self) -> None:
@@ -115,13 +119,20 @@ class Store:
             self._address = 0
 
     def instantiate(self, pre: InstancePre) -> Instance:
-        """Instantiate a pre-linked module in this store (polled to completion)."""
+        """Instantiate a pre-linked module in this store (polled to completion).
+
+        The GIL is kept while instantiating (the caller, e.g. the sandboxer's event loop, would
+        otherwise queue behind the scheduler threads to get it back) unless the guest's output goes
+        to Python callbacks: a start function could write, and the built-in WASI functions call
+        those callbacks from threads of their own.
+        """
         instance = ffi.wasmtime_instance_t()
         _native.set_running_key(self.key)
         _run_to_completion(
-            lambda trap, err: ffi.wasmtime_instance_pre_instantiate_async(
+            lambda trap, err: held.wasmtime_instance_pre_instantiate_async(
                 pre.ptr, self._context, byref(instance), trap, err
-            )
+            ),
+            hold_gil=not self._calls_python,
         )
         return Instance(self, instance)
 
@@ -138,7 +149,7 @@ class Instance:
     def _export(self, name: str) -> Any:
         item = ffi.wasmtime_extern_t()
         raw = name.encode()
-        found = ffi.wasmtime_instance_export_get(
+        found = held.wasmtime_instance_export_get(
             self._store._context, byref(self._instance), _chars(raw), len(raw), byref(item)
         )
         return item if found else None
@@ -217,10 +228,11 @@ class InstancePre:
 #: Per call future: its trap and error out-pointers (two native pointers), written by wasmtime.
 _OUTCOMES = CellPool(16)
 _OUTCOME = struct.Struct("<QQ")
-# The call-future functions with plain addresses: no ctypes pointer objects kept per guest.
-_call_async = ctypes.CFUNCTYPE(
+# The call-future functions with plain addresses: no ctypes pointer objects kept per guest. Creating
+# a future runs no wasm (the GIL is kept); deleting one unwinds a suspended fiber (it is released).
+_call_async = ctypes.PYFUNCTYPE(
     c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_void_p
-)(("wasmtime_func_call_async", ffi.dll))
+)(("wasmtime_func_call_async", _held))
 _future_delete = ctypes.CFUNCTYPE(None, c_void_p)(("wasmtime_call_future_delete", ffi.dll))
 
 

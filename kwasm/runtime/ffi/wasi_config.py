@@ -17,7 +17,7 @@ from typing import Any
 
 from wasmtime import _ffi as ffi
 
-from kwasm.runtime.ffi._base import _array_pointer, _chars
+from kwasm.runtime.ffi._base import _array_pointer, _chars, held
 
 _outputs: dict[int, Callable[[bytes], None]] = {}
 _output_keys = itertools.count(1)
@@ -40,28 +40,30 @@ def _forget_output(key: Any) -> None:
 class WasiConfig:
     """A WASI context under construction (consumed by :meth:`Store.set_wasi`)."""
 
-    __slots__ = ("_ptr",)
+    __slots__ = ("_ptr", "calls_python")
 
     def __init__(self) -> None:
-        self._ptr: Any = ffi.wasi_config_new()
+        self._ptr: Any = held.wasi_config_new()
+        #: Whether some output goes to a Python callback (see :meth:`output_callback`).
+        self.calls_python = False
 
     def discard(self) -> None:
         """Free a configuration that will not be installed."""
         if self._ptr:
-            ffi.wasi_config_delete(self._ptr)
+            held.wasi_config_delete(self._ptr)
             self._ptr = None
 
     def argv(self, argv: list[str]) -> None:
         """Set the program arguments (``argv[0]`` first)."""
         items = (c_char_p * len(argv))(*(a.encode() for a in argv))
-        if not ffi.wasi_config_set_argv(self._ptr, len(argv), _array_pointer(items)):
+        if not held.wasi_config_set_argv(self._ptr, len(argv), _array_pointer(items)):
             raise ValueError("invalid argv")
 
     def env(self, env: dict[str, str]) -> None:
         """Set the environment."""
         names = (c_char_p * len(env))(*(k.encode() for k in env))
         values = (c_char_p * len(env))(*(v.encode() for v in env.values()))
-        if not ffi.wasi_config_set_env(self._ptr, len(env), _array_pointer(names), _array_pointer(values)):
+        if not held.wasi_config_set_env(self._ptr, len(env), _array_pointer(names), _array_pointer(values)):
             raise ValueError("invalid environment")
 
     def stdin_file(self, path: str) -> None:
@@ -71,17 +73,18 @@ class WasiConfig:
 
     def inherit_stdin(self) -> None:
         """Use this process's stdin."""
-        ffi.wasi_config_inherit_stdin(self._ptr)
+        held.wasi_config_inherit_stdin(self._ptr)
 
     def inherit_output(self, fd: int) -> None:
         """Write stdout (fd 1) or stderr (fd 2) to this process's own stream (no new fd)."""
-        (ffi.wasi_config_inherit_stdout if fd == 1 else ffi.wasi_config_inherit_stderr)(self._ptr)
+        (held.wasi_config_inherit_stdout if fd == 1 else held.wasi_config_inherit_stderr)(self._ptr)
 
     def output_callback(self, fd: int, callback: Callable[[bytes], None]) -> None:
         """Hand every chunk written to stdout (fd 1) or stderr (fd 2) to ``callback``."""
         key = next(_output_keys)
         _outputs[key] = callback
-        setter = ffi.wasi_config_set_stdout_custom if fd == 1 else ffi.wasi_config_set_stderr_custom
+        self.calls_python = True
+        setter = held.wasi_config_set_stdout_custom if fd == 1 else held.wasi_config_set_stderr_custom
         setter(self._ptr, _write_output, key, _forget_output)
 
     def preopen(self, host_path: str, guest_path: str, *, read_only: bool) -> None:
