@@ -18,8 +18,11 @@ from google.protobuf.empty_pb2 import Empty
 from kwasm.api import cgroups_stats_pb2, sandbox_pb2, shim_pb2
 from kwasm.sandboxer import status
 from kwasm.sandboxer.client import SandboxerClient, TaskClient
-from kwasm.sandboxer.density import start_pod, update_request
+from kwasm.sandboxer.density import start_pod
+from kwasm.sandboxer.journal import Journal
 from kwasm.sandboxer.launch import SandboxerProcess, make_bundle, pod_config, running_sandboxer
+from kwasm.sandboxer.model import JOURNAL_FILE
+from kwasm.sandboxer.podpump import update_request
 from kwasm.sandboxer.status import StatusError
 
 DEMO_WASM = Path(__file__).resolve().parents[1] / "examples" / "wasi-demo-app" / "wasi-demo-app.wasm"
@@ -59,7 +62,9 @@ def test_isulad_sequence_checks_every_response_field(sandboxer: SandboxerProcess
         created = await sandboxes.create(sandbox_pb2.ControllerCreateRequest(
             sandbox_id=sandbox_id, options=AnyMessage(type_url="", value=pod_config("web")), sandboxer="wasm"))
         assert created == sandbox_pb2.ControllerCreateResponse(sandbox_id=sandbox_id)
-        record = json.loads((sandboxer.directory / sandbox_id / "sandbox.json").read_text())
+        journal = Journal(str(sandboxer.directory / JOURNAL_FILE))
+        record = [json.loads(payload) for payload in journal.replay()][-1]
+        assert record["id"] == sandbox_id
         assert record["metadata"] == {"name": "web", "namespace": "default", "uid": "uid-web"}
         assert record["labels"]["io.kubernetes.pod.name"] == "web"
         assert record["annotations"]["io.kubernetes.cri.sandbox-name"] == "web"

@@ -14,8 +14,9 @@ from google.protobuf.empty_pb2 import Empty
 from kwasm.api import shim_pb2
 from kwasm.sandboxer import status
 from kwasm.sandboxer.client import SandboxerClient, TaskClient
-from kwasm.sandboxer.density import start_pod, update_request
+from kwasm.sandboxer.density import start_pod
 from kwasm.sandboxer.launch import make_bundle, running_sandboxer
+from kwasm.sandboxer.podpump import update_request
 from kwasm.sandboxer.status import StatusError
 
 DEMO_WASM = Path(__file__).resolve().parents[1] / "examples" / "wasi-demo-app" / "wasi-demo-app.wasm"

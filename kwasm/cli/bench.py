@@ -35,8 +35,9 @@ def density(
 
     from rich.progress import Progress
 
-    from kwasm.cli.output import console, print_json
+    from kwasm.cli.output import console, info, print_json
     from kwasm.errors import UsageError
+    from kwasm.runtime.benchmark import ensure_map_count
     from kwasm.sandboxer.density import GUEST_ARGS, DensityResult, run_density, scratch_dir
     from kwasm.sandboxer.launch import running_sandboxer
 
@@ -47,6 +48,9 @@ def density(
     module = Path(__file__).resolve().parents[2] / "examples" / "wasi-demo-app" / "wasi-demo-app.wasm"
     if not module.is_file():
         raise UsageError(f"demo app not found at {module}")
+    limit = ensure_map_count(n, info)  # each sandbox's guest maps ~7 regions in the sandboxer
+    if limit.startswith("vm.max_map_count") and "raised" not in limit:
+        info(f"{limit} in the sandboxer: run as root or `sysctl -w vm.max_map_count=1048576` first")
     work = scratch_dir()
     try:
         with Progress(console=console, transient=True, disable=as_json) as bar:

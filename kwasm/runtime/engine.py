@@ -266,9 +266,9 @@ class Engine:
         """Validate and compile ``module`` now (cached on disk); WasmValidationError if it cannot run."""
         self._load(module)
 
-    def _load(self, module: Path) -> _Loaded:
+    def _load(self, module: Path, info: os.stat_result | None = None) -> _Loaded:
         try:
-            info = module.stat()
+            info = info or module.stat()
         except OSError as exc:
             raise WasmValidationError(f"cannot read {module}: {exc.strerror}") from None
         key = (str(module), info.st_mtime_ns, info.st_size)
@@ -299,11 +299,21 @@ class Engine:
                     loaded.pres[kind] = pre
         return pre
 
-    def start(self, spec: GuestSpec, on_exit: Callable[[GuestExit], None] | None = None) -> Guest:
-        """Instantiate ``spec`` and schedule it; returns once it is queued (EngineError on failure)."""
+    def start(
+        self,
+        spec: GuestSpec,
+        on_exit: Callable[[GuestExit], None] | None = None,
+        *,
+        module_stat: os.stat_result | None = None,
+    ) -> Guest:
+        """Instantiate ``spec`` and schedule it; returns once it is queued (EngineError on failure).
+
+        ``module_stat``: the module file's stat if the caller just took it (the engine takes its own
+        otherwise, to notice a file replaced in place).
+        """
         if self._closed:
             raise EngineError("the engine is closed")
-        loaded = self._load(spec.module)
+        loaded = self._load(spec.module, module_stat)
         guest = Guest(self, next(self._ids), spec)
         guest._on_exit = on_exit
         setup = wasiconfig.build(spec)

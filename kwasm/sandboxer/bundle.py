@@ -19,6 +19,7 @@ import os
 import stat
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,10 @@ WASM_MAGIC = b"\0asm"
 _DISCARD = Stdio.discard()
 #: One Path object per module path, shared by every task that runs it.
 _PATHS: dict[str, Path] = {}
+#: read(2) size for config.json.
+_READ_SIZE = 1 << 16
+#: What :func:`_canonical` returns for an existing path it was not asked to stat.
+_EXISTS = os.stat("/")
 
 
 class BundleError(Exception):
@@ -56,8 +61,7 @@ def read_config(bundle: Path) -> dict[str, Any]:
         raise BundleError(f"bundle path {bundle} is not absolute")
     path = os.path.join(bundle, "config.json")
     try:
-        with open(path, "rb") as file:
-            data = json.loads(file.read())
+        data = json.loads(_read_file(path))
     except FileNotFoundError as exc:
         raise BundleError(f"bundle {bundle} has no config.json") from exc
     except (OSError, ValueError) as exc:
@@ -67,68 +71,95 @@ def read_config(bundle: Path) -> dict[str, Any]:
     return data
 
 
-def _canonical(path: str) -> str:
-    """``path`` with every symlink resolved, like :meth:`Path.resolve`.
+def _read_file(path: str) -> bytes:
+    """The whole file: open, read, close (a buffered ``open()`` adds fstat, lseek and ioctl calls)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block the loop
+    try:
+        chunks = [os.read(fd, _READ_SIZE)]
+        while len(chunks[-1]) == _READ_SIZE:  # a regular file's read is short only at its end
+            chunks.append(os.read(fd, _READ_SIZE))
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _canonical(path: str, flags: int = 0, *, stat_it: bool = False) -> tuple[str, os.stat_result | None]:
+    """``path`` with every symlink resolved, like :meth:`Path.resolve`, and whether it exists.
 
     An existing path is opened ``O_PATH`` and read back from ``/proc/self/fd`` (three system calls
-    instead of an lstat per component: this runs on every Task.Create).
+    instead of an lstat per component: this runs on every Task.Create); ``stat_it`` adds its stat.
+    Returns the path and, if it exists, its stat (``stat_it``) or the stat of the directory ``/``.
+    ``flags`` may add ``O_DIRECTORY``: a path that is no directory then counts as missing.
     """
     try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC | flags)
     except OSError:
-        return os.path.realpath(path)
+        return os.path.realpath(path), None
     try:
-        return os.readlink(f"/proc/self/fd/{fd}")
+        return os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd) if stat_it else _EXISTS
     except OSError:
-        return os.path.realpath(path)
+        return os.path.realpath(path), None
     finally:
         os.close(fd)
 
 
-def rootfs_of(bundle: Path, config: dict[str, Any]) -> tuple[Path, bool]:
+def rootfs_of(bundle: Path, config: dict[str, Any]) -> tuple[str, bool]:
     """The rootfs directory (relative ``root.path`` is relative to the bundle) and its readonly flag."""
     root = config.get("root") or {}
     if not isinstance(root, dict) or not root.get("path"):
         raise BundleError("config.json has no root.path")
     path = os.path.join(bundle, str(root["path"]))  # an absolute root.path replaces the bundle
-    if not os.path.isdir(path):
+    canonical, info = _canonical(path, os.O_DIRECTORY)
+    if info is None:
         raise BundleError(f"rootfs {path} is not a directory")
-    return Path(_canonical(path)), bool(root.get("readonly", False))
+    return canonical, bool(root.get("readonly", False))
 
 
 def _is_wasm(path: Path | str) -> bool:
     try:
-        with open(path, "rb") as file:
-            return file.read(4) == WASM_MAGIC
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return False
+    try:
+        return os.read(fd, 4) == WASM_MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
-def resolve_module(rootfs: Path, args: list[str]) -> tuple[Path, list[str]]:
-    """The wasm module the process runs and its argv (args[0] kept as the guest sees it)."""
-    top = str(rootfs)
+def resolve_module(
+    rootfs: str, args: list[str], known: Callable[[str, os.stat_result], bool] | None = None
+) -> tuple[str, list[str], os.stat_result | None]:
+    """The wasm module the process runs, its argv (args[0] kept as the guest sees it) and its stat
+    (None when the module was found by looking for a single ``*.wasm``).
+
+    ``known(path, stat)`` tells a module the engine has already compiled at that size and mtime: its
+    first bytes need not be read again to tell that it is wasm.
+    """
     if args:
-        candidate = _canonical(os.path.join(top, args[0].split("#", 1)[0].lstrip("/")))
-        if candidate != top and not candidate.startswith(top.rstrip("/") + "/"):
+        candidate, info = _canonical(os.path.join(rootfs, args[0].split("#", 1)[0].lstrip("/")), stat_it=True)
+        if candidate != rootfs and not candidate.startswith(rootfs.rstrip("/") + "/"):
             raise BundleError(f"process.args[0] {args[0]!r} points outside the rootfs")
-        if os.path.isfile(candidate):
-            if _is_wasm(candidate):
-                return Path(candidate), args
+        if info is not None and stat.S_ISREG(info.st_mode):
+            if (known is not None and known(candidate, info)) or _is_wasm(candidate):
+                return candidate, args, info
             raise BundleError(f"{args[0]} is not a wasm module", not_wasm=True)
     if args and not args[0].split("#", 1)[0].endswith(".wasm"):
         raise BundleError(f"{args[0]} is not a wasm module in the rootfs", not_wasm=True)
-    found = [(entry.name, entry.resolve()) for entry in rootfs.glob("*.wasm")]
-    layers = [(name, path) for name, path in found if path.is_relative_to(rootfs) and path.is_file() and _is_wasm(path)]
+    top = Path(rootfs)
+    found = [(entry.name, entry.resolve()) for entry in top.glob("*.wasm")]
+    layers = [(name, path) for name, path in found if path.is_relative_to(top) and path.is_file() and _is_wasm(path)]
     if len(layers) == 1:
         name, module = layers[0]
-        return module, args or [f"/{name}"]
+        return str(module), args or [f"/{name}"], None
     raise BundleError(f"no wasm module {args[0] if args else ''} in the rootfs (and no single *.wasm there)")
 
 
-def _preopens(rootfs: Path, read_only_root: bool, module: Path, mounts: list[Any]) -> list[Preopen]:
+def _preopens(rootfs: str, read_only_root: bool, module: Path, mounts: list[Any]) -> list[Preopen]:
     preopens = []
     if any(name != module.name for name in os.listdir(rootfs)):
-        preopens.append(Preopen(rootfs, "/", read_only_root))
+        preopens.append(Preopen(Path(rootfs), "/", read_only_root))
     for mount in mounts:
         if not isinstance(mount, dict):
             continue
@@ -240,17 +271,22 @@ def stdio_for(path: str, stream: str) -> Stdio:
 
 
 def guest_spec(
-    bundle: Path, config: dict[str, Any], io: TaskIO, process: dict[str, Any] | None = None
-) -> GuestSpec:
-    """The GuestSpec for the bundle's process (or for ``process``, an exec's OCI process spec)."""
+    bundle: Path,
+    config: dict[str, Any],
+    io: TaskIO,
+    process: dict[str, Any] | None = None,
+    known: Callable[[str, os.stat_result], bool] | None = None,
+) -> tuple[GuestSpec, os.stat_result | None]:
+    """The GuestSpec for the bundle's process (or for ``process``, an exec's OCI process spec), and
+    the stat of its module if it was at hand (see :func:`resolve_module`, which ``known`` is passed to)."""
     rootfs, read_only_root = rootfs_of(bundle, config)
     if process is None:
         process = config.get("process") or {}
     if not isinstance(process, dict):
         raise BundleError("process spec is not an object")
     args = [sys.intern(str(arg)) for arg in _list(process.get("args"), "process.args")]
-    module, argv = resolve_module(rootfs, args)
-    module = _PATHS.setdefault(str(module), module)
+    path, argv, info = resolve_module(rootfs, args, known)
+    module = _PATHS.get(path) or _PATHS.setdefault(path, Path(path))
     env: dict[str, str] = {}
     for item in _list(process.get("env"), "process.env"):
         key, _, value = str(item).partition("=")
@@ -259,7 +295,7 @@ def guest_spec(
     cwd = process.get("cwd")
     if cwd and cwd != "/":
         env.setdefault("PWD", str(cwd))
-    return GuestSpec(
+    spec = GuestSpec(
         module=module,
         argv=argv,
         env=env,
@@ -269,3 +305,4 @@ def guest_spec(
         stderr=stdio_for(io.stderr, "stderr"),
         memory_limit=_memory_limit(config),
     )
+    return spec, info

@@ -140,7 +140,7 @@ class ControllerService:
         return response
 
     async def shutdown(self, request: sandbox_pb2.ControllerShutdownRequest) -> Message:
-        """Remove the sandbox, its tasks and its directory."""
+        """Remove the sandbox, its tasks and its record."""
         await self.registry.shutdown(request.sandbox_id)
         return sandbox_pb2.ControllerShutdownResponse()
 

@@ -3,9 +3,10 @@
 Each pod is Controller.Create (serialized PodSandboxConfig, empty type_url) -> Start -> Update
 (extensions.tasks) -> Task.Create -> Task.Start of the demo app; ``window`` pods are in flight at
 once. Afterwards the pods are held and the sandboxer's RSS and descriptors are read from /proc.
-The pod path speaks gRPC through the lean :class:`WireClient` (grpcio's client would cost the
-2-core machine as much CPU as the sandboxer itself); the sandboxer's CPU per pod is read from
-/proc/<pid>/stat around the start phase and reported with the capacity per core it implies.
+The pod path is :class:`~kwasm.sandboxer.podpump.PodPump`: the lean :class:`WireClient` for gRPC
+(grpcio's client would cost the 2-core machine as much CPU as the sandboxer itself) and the ttrpc
+client, every call sent from the callback of the answer before it; the sandboxer's CPU per pod is
+read from /proc/<pid>/stat around the start phase and reported with the capacity per core it implies.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import psutil
 from google.protobuf.any_pb2 import Any as AnyMessage
 
 from kwasm.api import sandbox_pb2, shim_pb2
+from kwasm.errors import SandboxerError
 from kwasm.sandboxer.client import SandboxerClient, TaskClient
 from kwasm.sandboxer.daemon import raise_nofile
 from kwasm.sandboxer.launch import make_bundle, pod_config
+from kwasm.sandboxer.podpump import PodPump, PodRequests, Requests, update_request
+from kwasm.sandboxer.ttrpc import TtrpcClient
 from kwasm.sandboxer.wireclient import WireClient
 
 #: Kuasar's published memory per wasm sandbox (100k sandboxes, 183.3 GB).
@@ -68,24 +72,6 @@ class DensityResult:
     def to_json(self) -> str:
         """One JSON object."""
         return json.dumps(asdict(self))
-
-
-def tasks_extension(task_ids: list[str], stdout: str = "") -> AnyMessage:
-    """The ``extensions["tasks"]`` Any iSulad sends in Controller.Update."""
-    tasks = [{"task_id": task_id, "spec": {}, "rootfs": [], "stdin": "", "stdout": stdout, "stderr": ""}
-             for task_id in task_ids]
-    return AnyMessage(type_url="github.com/containerd/containerd/Tasks", value=json.dumps({"tasks": tasks}).encode())
-
-
-def update_request(sandbox_id: str, task_ids: list[str], stdout: str = "") -> sandbox_pb2.ControllerUpdateRequest:
-    """Controller.Update announcing ``task_ids`` as iSulad does before Task.Create."""
-    request = sandbox_pb2.ControllerUpdateRequest(sandbox_id=sandbox_id, sandboxer="kwasm", fields=["extensions.tasks"])
-    request.sandbox.sandbox_id = sandbox_id
-    request.sandbox.sandboxer = "kwasm"
-    request.sandbox.runtime.name = "io.containerd.wasm.v1"
-    request.sandbox.labels["name"] = sandbox_id
-    request.sandbox.extensions["tasks"].CopyFrom(tasks_extension(task_ids, stdout))
-    return request
 
 
 class PodController(Protocol):
@@ -187,46 +173,51 @@ async def run_density(
     bundle = make_bundle(work / f"bundle-{mode}", module, GUEST_ARGS[mode])
     sandboxes = SandboxerClient(listen)
     listing = await sandboxes.list("")
-    tasks = await TaskClient.connect(listing.task_address)
+    tasks = await TtrpcClient.connect(listing.task_address)
     pods = await WireClient.connect(listen)
+    pump = PodPump(pods, tasks, listing.task_address)
+    templates = PodRequests(str(bundle))
     sandboxer = psutil.Process(listing.pid)
     drain = _Drain()
     prefix = f"density-{os.getpid()}-{int(time.time())}"
     waits: list[asyncio.Future[object]] = []
+
+    def templates_of(sandbox_id: str) -> tuple[str, Requests]:
+        return sandbox_id, templates(sandbox_id)
+
     try:
-        for index in range(WARMUP):
-            await start_pod(pods, tasks, f"{prefix}-warm{index}", bundle)
+        warm = iter(range(WARMUP))
+        await pump.run(lambda: next((templates_of(f"{prefix}-warm{i}") for i in warm), None), 1)
+        if pump.failures:
+            raise SandboxerError(f"warm-up pods failed: {pump.failures[0]}")
         await asyncio.sleep(0.5)
         rss0, fds0 = sandboxer.memory_info().rss, sandboxer.num_fds()
         latencies: list[float] = []
-        failures = 0
-        next_index = 0
+        indices = iter(range(n))
 
-        async def worker() -> None:
-            nonlocal next_index, failures
-            while next_index < n:
-                index = next_index
-                next_index += 1
-                stdout = ""
-                if fifo:
-                    path = work / f"fifo-{index}"
-                    drain.add(path)
-                    stdout = str(path)
-                began = time.perf_counter()
-                try:
-                    await start_pod(pods, tasks, f"{prefix}-{index}", bundle, stdout)
-                except Exception:
-                    failures += 1
-                    continue
-                latencies.append(time.perf_counter() - began)
-                if wait:
-                    waits.append(asyncio.ensure_future(sandboxes.wait(f"{prefix}-{index}")))
-                if progress is not None:
-                    progress(1)
+        def next_pod() -> tuple[str, Requests] | None:
+            index = next(indices, None)
+            if index is None:
+                return None
+            sandbox_id = f"{prefix}-{index}"
+            if not fifo:
+                return templates_of(sandbox_id)
+            path = work / f"fifo-{index}"
+            drain.add(path)
+            return sandbox_id, PodRequests(str(bundle), str(path)).build(sandbox_id)
+
+        def started(sandbox_id: str, seconds: float) -> None:
+            latencies.append(seconds)
+            if wait:
+                waits.append(asyncio.ensure_future(sandboxes.wait(sandbox_id)))
+            if progress is not None:
+                progress(1)
 
         cpu0, client0 = sandboxer.cpu_times(), time.process_time()
         began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(min(window, n))))
+        await pump.run(next_pod, min(window, n), started)
+        if not pump.connected:
+            raise SandboxerError(f"the sandboxer hung up after {len(latencies)} pods: {pump.failures[-1:]}")
         elapsed = time.perf_counter() - began
         drained, cpu = drain.bytes, sandboxer.cpu_times()
         client_cpu = time.process_time() - client0
@@ -253,7 +244,7 @@ async def run_density(
             latency_p99_ms=round(latencies[min(ok - 1, int(ok * 0.99))] * 1000, 3) if latencies else 0.0,
             fds_per_sandbox=round((fds1 - fds0) / max(ok, 1), 3),
             running=running,
-            failures=failures,
+            failures=len(pump.failures),
             stdout_bytes_per_s=round(drained / hold, 1),
             held_cpu_cores=round(busy, 3),
             server_cpu_ms_per_pod=round(server_cpu * 1000 / max(ok, 1), 3),

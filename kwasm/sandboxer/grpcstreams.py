@@ -47,6 +47,22 @@ class StreamEnds:
     buffered: int
     send_window: int
     peer_frame: int
+    loop: asyncio.AbstractEventLoop
+    #: Frames held back while the frames of one read are handled (then sent in one ``send(2)``).
+    out: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` now, or with the other answers to the frames being handled."""
+        if self.out is not None:
+            self.out.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def uncork(self) -> None:
+        """Send what :meth:`write` held back."""
+        out, self.out = self.out, None
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
 
     def shut(self) -> None:
         """Answer every call still open UNAVAILABLE (reset one whose answer has begun), then disconnect."""
@@ -57,6 +73,7 @@ class StreamEnds:
                 self._fail(stream, UNAVAILABLE, "the server is shutting down")
                 if stream.call is not None:
                     stream.call.cancel()
+        self.uncork()
         if self.transport is not None:
             self.transport.close()
 
@@ -72,7 +89,7 @@ class StreamEnds:
         self._release(stream)
         self._fail(stream, code, message)
         if not flags & h2.END_STREAM and self.transport is not None:
-            self.transport.write(h2.frame(h2.RST_STREAM, 0, stream.id, struct.pack(">I", h2.NO_ERROR)))
+            self.write(h2.frame(h2.RST_STREAM, 0, stream.id, struct.pack(">I", h2.NO_ERROR)))
 
     def _drop(self, stream: Stream) -> None:
         """Forget ``stream`` (the client reset it, or we do): cancel its call or drop its request."""
@@ -87,7 +104,7 @@ class StreamEnds:
         """End ``stream`` with RST_STREAM ``code``."""
         self._drop(stream)
         if self.transport is not None:
-            self.transport.write(h2.frame(h2.RST_STREAM, 0, stream.id, struct.pack(">I", code)))
+            self.write(h2.frame(h2.RST_STREAM, 0, stream.id, struct.pack(">I", code)))
 
     # ------------------------------------------------------------------ calls and frames out
 
@@ -102,7 +119,7 @@ class StreamEnds:
         elif body[0]:  # compressed: unsupported, or (no grpc-encoding named) a broken client
             self._fail(stream, UNIMPLEMENTED if stream.encoded else INTERNAL, "compressed messages are not supported")
         else:
-            call = drive(handler(bytes(body[5:])))
+            call = drive(handler(bytes(body[5:])), self.loop)
             stream.body = bytearray()
             stream.call = call
             if call.done():
@@ -133,9 +150,9 @@ class StreamEnds:
             self.send_window -= size
             del self.streams[stream.id]
             end = h2.frame(h2.HEADERS, h2.LAST, stream.id, h2.TRAILERS_OK)
-            self.transport.write(head + h2.frame(h2.DATA, 0, stream.id, message) + end)
+            self.write(head + h2.frame(h2.DATA, 0, stream.id, message) + end)
             return
-        self.transport.write(head)
+        self.write(head)
         stream.pending = memoryview(message)
         self.blocked[stream.id] = stream
         self._flush()
@@ -152,7 +169,7 @@ class StreamEnds:
                 size = min(len(pending), self.send_window, stream.send_window, self.peer_frame)
                 if size <= 0:
                     break
-                transport.write(h2.frame(h2.DATA, 0, stream.id, bytes(pending[:size])))
+                self.write(h2.frame(h2.DATA, 0, stream.id, bytes(pending[:size])))
                 self.send_window -= size
                 stream.send_window -= size
                 pending = stream.pending = pending[size:]
@@ -162,11 +179,11 @@ class StreamEnds:
                 continue  # this stream waits for its own window; the next one may have some
             del self.blocked[stream.id]
             self.streams.pop(stream.id, None)
-            transport.write(h2.frame(h2.HEADERS, h2.LAST, stream.id, h2.TRAILERS_OK))
+            self.write(h2.frame(h2.HEADERS, h2.LAST, stream.id, h2.TRAILERS_OK))
 
     def _fail(self, stream: Stream, code: int, message: str) -> None:
         """Answer Trailers-Only with a gRPC status (its message cut to fit any frame)."""
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
         if self.transport is not None:
-            self.transport.write(h2.frame(h2.HEADERS, h2.LAST, stream.id, h2.trailers(code, message)))
+            self.write(h2.frame(h2.HEADERS, h2.LAST, stream.id, h2.trailers(code, message)))

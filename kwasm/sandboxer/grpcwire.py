@@ -88,6 +88,7 @@ class _Connection(StreamEnds, ReadPausingProtocol):
     def __init__(self, server: GrpcServer) -> None:
         self.server = server
         self.handlers = server.handlers
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.preface = False
@@ -132,18 +133,20 @@ class _Connection(StreamEnds, ReadPausingProtocol):
         """Tell the peer no more streams are served, then disconnect."""
         if self.transport is not None:
             payload = struct.pack(">II", self.last_stream, code) + message.encode()[:256]
-            self.transport.write(h2.frame(h2.GOAWAY, 0, 0, payload))
+            self.write(h2.frame(h2.GOAWAY, 0, 0, payload))
+            self.uncork()
             self.transport.close()
 
     def drain(self) -> None:
         """Say GOAWAY but keep serving the streams already opened; newer ones are refused."""
         self.draining = True
         if self.transport is not None:
-            self.transport.write(h2.frame(h2.GOAWAY, 0, 0, struct.pack(">II", self.last_stream, h2.NO_ERROR)))
+            self.write(h2.frame(h2.GOAWAY, 0, 0, struct.pack(">II", self.last_stream, h2.NO_ERROR)))
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
+        self.out = []
         try:
             if not self.preface:
                 if len(buffer) < len(h2.PREFACE):
@@ -170,6 +173,8 @@ class _Connection(StreamEnds, ReadPausingProtocol):
             log.debug("closing gRPC connection: %s", exc)
             self.buffer = bytearray()
             self.goaway(exc.code, str(exc))
+        finally:
+            self.uncork()
 
     # ------------------------------------------------------------------ frames in
 
@@ -191,7 +196,7 @@ class _Connection(StreamEnds, ReadPausingProtocol):
         elif kind == h2.PING:
             h2.check_control(kind, stream_id, payload, self.last_stream)
             if not flags & h2.ACK and self.transport is not None:
-                self.transport.write(h2.frame(h2.PING, h2.ACK, 0, payload))
+                self.write(h2.frame(h2.PING, h2.ACK, 0, payload))
         elif kind == h2.RST_STREAM:
             h2.check_control(kind, stream_id, payload, self.last_stream)
             if (stream := self.streams.get(stream_id)) is not None:
@@ -207,7 +212,7 @@ class _Connection(StreamEnds, ReadPausingProtocol):
             raise ProtocolError(h2.PROTOCOL_ERROR, "DATA on an idle stream")
         self.unacked += len(payload)
         if self.unacked >= h2.RECEIVE_WINDOW // 2 and self.transport is not None:
-            self.transport.write(h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
+            self.write(h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
             self.unacked = 0
         stream = self.streams.get(stream_id)
         if stream is None or stream.call is not None:
@@ -245,7 +250,7 @@ class _Connection(StreamEnds, ReadPausingProtocol):
                     stream = self._closed(stream_id)
                     if self.transport is not None:
                         refused = struct.pack(">I", h2.REFUSED_STREAM)
-                        self.transport.write(h2.frame(h2.RST_STREAM, 0, stream_id, refused))
+                        self.write(h2.frame(h2.RST_STREAM, 0, stream_id, refused))
                 else:
                     stream = Stream(stream_id, self.peer_window)
                     self.streams[stream_id] = stream
@@ -296,7 +301,7 @@ class _Connection(StreamEnds, ReadPausingProtocol):
                 answer = h2.frame(h2.HEADERS, h2.LAST, stream.id, h2.UNSUPPORTED_MEDIA)
                 if not self.block_flags & h2.END_STREAM:  # the client need not send the rest
                     answer += h2.frame(h2.RST_STREAM, 0, stream.id, struct.pack(">I", h2.NO_ERROR))
-                self.transport.write(answer)
+                self.write(answer)
             return
         if self.block_flags & h2.END_STREAM:
             self._call(stream)
@@ -315,7 +320,7 @@ class _Connection(StreamEnds, ReadPausingProtocol):
             elif key == h2.SETTINGS_MAX_FRAME_SIZE:
                 self.peer_frame = value
         if self.transport is not None:
-            self.transport.write(h2.frame(h2.SETTINGS, h2.ACK, 0))
+            self.write(h2.frame(h2.SETTINGS, h2.ACK, 0))
         self._flush()
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:

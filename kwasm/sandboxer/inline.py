@@ -1,6 +1,6 @@
 """Run a request handler inline: most calls never wait, so they should not pay for a task.
 
-``drive(coro)`` runs the coroutine on the caller's stack up to its first suspension. A handler that
+``drive(coro, loop)`` runs the coroutine on the caller's stack up to its first suspension. A handler that
 finishes without suspending (Create, Start, Status, ...) costs no task and no extra turn of the
 event loop; one that waits (Controller.Wait, Stop, a first module compile) carries on in a task,
 exactly as if it had been wrapped in one from the start (cancellation included).
@@ -17,9 +17,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def drive(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-    """A future of ``coro``'s outcome, already done when it never suspended."""
-    loop = asyncio.get_running_loop()
+def drive(coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop) -> asyncio.Future[T]:
+    """A future of ``coro``'s outcome on ``loop`` (the running one), already done when it never suspended."""
     try:
         yielded = coro.send(None)
     except StopIteration as stop:

@@ -1,10 +1,12 @@
 """The sandboxer's records (sandboxes, tasks, processes) and their persistence under ``--dir``.
 
-Each sandbox lives in ``<dir>/<sandbox_id>/sandbox.json`` together with its tasks; the file is
-rewritten atomically (temp file + rename) on every change recovery needs (sandbox create and stop,
-task create, exec, exit and delete), so a ``kill -9`` leaves either the old or the new version.
-Records keep only what the protocols answer with: the OCI spec and the guest handle exist in memory
-while a task runs and are never persisted.
+Every sandbox (with its tasks) is one record of the journal ``<dir>/state.journal`` (see
+:mod:`.journal`): on every change recovery needs (sandbox create and stop, task create, exec, exit
+and delete) its whole new version is appended with one ``write(2)``, and Shutdown appends a removal;
+at reload the last whole record of each sandbox wins, so a ``kill -9`` leaves either the old or the
+new version. The journal is compacted when it has grown well past the live records, and deleted once
+no sandbox is left. Records keep only what the protocols answer with: the OCI spec and the guest
+handle exist in memory while a task runs and are never persisted.
 """
 
 from __future__ import annotations
@@ -15,15 +17,21 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kwasm.runtime.guest import GuestSpec
+from kwasm.sandboxer.journal import Journal
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "sandbox.json"
+JOURNAL_FILE = "state.journal"
+#: Where earlier versions kept each sandbox (``<dir>/<id>/sandbox.json``); moved into the journal at start.
+LEGACY_FILE = "sandbox.json"
+#: Records a journal may gain beyond four per live sandbox before a removal compacts it.
+COMPACT_MIN = 4096
 #: Sandbox and task ids become path components and log fields: keep them tame.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -60,6 +68,8 @@ class Process:
     started_at: float | None = None
     exited_at: float | None = None
     spec: GuestSpec | None = None
+    #: The module's stat when Task.Create compiled it (not persisted; saves the engine a stat at start).
+    module_stat: os.stat_result | None = None
     guest: Any = None
     waiters: list[Any] | None = None
 
@@ -145,9 +155,13 @@ class Task:
         )
 
 
+#: Compact JSON (one encoder for every record instead of one per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
+
 def pod_meta(labels: dict[str, str], annotations: dict[str, str]) -> bytes:
     """The compact form of a pod's labels and annotations that :class:`Sandbox` keeps."""
-    return json.dumps({"labels": labels, "annotations": annotations}, separators=(",", ":")).encode()
+    return _ENCODER.encode({"labels": labels, "annotations": annotations}).encode()
 
 
 @dataclass(slots=True, eq=False)
@@ -169,20 +183,21 @@ class Sandbox:
     tasks: dict[str, Task] = field(default_factory=dict)
     waiters: list[Any] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        """The persisted form."""
-        return {
+    def record(self) -> bytes:
+        """The persisted form: compact JSON with ``labels`` and ``annotations`` spliced in from pod_meta."""
+        core = _ENCODER.encode({
             "id": self.id,
             "created_at": self.created_at,
             "netns_path": self.netns_path,
             "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid},
-            **json.loads(self.pod_meta),
             "state": self.state,
             "exit_status": self.exit_status,
             "exited_at": self.exited_at,
             "announced": list(self.announced),
             "tasks": [task.to_json() for task in self.tasks.values()],
-        }
+        })
+        meta = self.pod_meta[1:-1]
+        return core.encode()[:-1] + (b"," + meta if meta else b"") + b"}"
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Sandbox:
@@ -208,48 +223,77 @@ class Sandbox:
 
 
 class StateStore:
-    """Reads and writes sandbox records under the sandboxer's working directory."""
+    """Reads and writes sandbox records under the sandboxer's working directory (one journal)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._prefix = str(root)
-
-    def sandbox_dir(self, sandbox_id: str) -> Path:
-        """The directory owned by one sandbox."""
-        return self.root / sandbox_id
+        self.journal = Journal(os.path.join(root, JOURNAL_FILE))
 
     def save(self, sandbox: Sandbox) -> None:
-        """Write the sandbox (and its tasks) atomically."""
-        directory = f"{self._prefix}/{sandbox.id}"  # plain strings: this runs twice per pod started
-        data = json.dumps(sandbox.to_json(), separators=(",", ":")).encode()
-        temp = f"{directory}/.{STATE_FILE}.tmp"
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except FileNotFoundError:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(temp, f"{directory}/{STATE_FILE}")
+        """Persist the sandbox (and its tasks): one record appended, whole or not at all."""
+        self.journal.append(sandbox.record())
 
     def remove(self, sandbox_id: str) -> None:
-        """Delete everything the sandbox owns on disk."""
-        shutil.rmtree(self.sandbox_dir(sandbox_id), ignore_errors=True)
+        """Forget the sandbox on disk (a failure is logged: at worst it reloads as stopped)."""
+        try:
+            self.journal.append(b'{"removed":%s}' % _ENCODER.encode(sandbox_id).encode())
+        except OSError as exc:
+            log.warning("cannot record the removal of sandbox %s: %s", sandbox_id, exc)
+
+    def settle(self, live: Collection[Sandbox]) -> None:
+        """After a removal: delete the journal once nothing is live, compact it once mostly garbage."""
+        journal = self.journal
+        if not journal.opened:
+            return
+        if not live:
+            journal.discard()
+        elif journal.appended > COMPACT_MIN + 4 * len(live):
+            journal.rewrite(sandbox.record() for sandbox in live)
 
     def load_all(self) -> list[Sandbox]:
-        """Every sandbox persisted under the root; unreadable records are logged and removed."""
-        sandboxes: list[Sandbox] = []
+        """Every persisted sandbox (the journal compacted to them); unreadable records are logged and dropped.
+
+        Sandboxes persisted by earlier versions (``<dir>/<id>/sandbox.json``) are moved into the journal.
+        """
         if not self.root.is_dir():
-            return sandboxes
+            return []
+        latest: dict[str, bytes] = {}
+        for payload in self.journal.replay():
+            try:
+                data = json.loads(payload)
+                if "removed" in data:
+                    latest.pop(str(data["removed"]), None)
+                else:
+                    latest[str(data["id"])] = payload
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("dropping unreadable sandbox record in %s: %s", self.journal.path, exc)
+        sandboxes: dict[str, Sandbox] = {}
+        for sandbox_id, payload in latest.items():
+            try:
+                sandboxes[sandbox_id] = Sandbox.from_json(json.loads(payload))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("dropping unreadable record of sandbox %s: %s", sandbox_id, exc)
+        legacy = self._legacy(sandboxes)
+        if sandboxes:
+            self.journal.rewrite(sandbox.record() for sandbox in sandboxes.values())
+        else:
+            self.journal.discard()
+        for path in legacy:
+            shutil.rmtree(path, ignore_errors=True)
+        return list(sandboxes.values())
+
+    def _legacy(self, sandboxes: dict[str, Sandbox]) -> list[str]:
+        """Add the per-directory records of earlier versions to ``sandboxes``; their directories."""
+        found = []
         for entry in os.scandir(self.root):
             if not entry.is_dir(follow_symlinks=False) or not valid_id(entry.name):
                 continue
-            path = Path(entry.path) / STATE_FILE
+            path = Path(entry.path) / LEGACY_FILE
+            found.append(entry.path)
             try:
-                sandboxes.append(Sandbox.from_json(json.loads(path.read_bytes())))
+                sandbox = Sandbox.from_json(json.loads(path.read_bytes()))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("dropping unreadable sandbox state %s: %s", path, exc)
-                shutil.rmtree(entry.path, ignore_errors=True)
-        return sandboxes
+                continue
+            sandboxes.setdefault(sandbox.id, sandbox)
+        return found

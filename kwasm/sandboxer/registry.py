@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,7 +65,13 @@ class GuestEngine(Protocol):
     def load(self, module: Path) -> None:
         """Compile and cache ``module`` (raises on invalid wasm)."""
 
-    def start(self, spec: GuestSpec, on_exit: Callable[[GuestExit], None] | None = None) -> GuestHandle:
+    def start(
+        self,
+        spec: GuestSpec,
+        on_exit: Callable[[GuestExit], None] | None = None,
+        *,
+        module_stat: os.stat_result | None = None,
+    ) -> GuestHandle:
         """Start a guest; ``on_exit`` is called from an engine thread when it ends."""
 
     def close(self) -> None:
@@ -136,9 +143,8 @@ class Registry:
         self.sandboxes[sandbox.id] = sandbox
         try:
             self.store.save(sandbox)
-        except OSError:
+        except OSError:  # nothing of it was persisted
             del self.sandboxes[sandbox.id]
-            self.store.remove(sandbox.id)
             raise
 
     def start(self, sandbox_id: str) -> Sandbox:
@@ -203,6 +209,7 @@ class Registry:
         if self.sandboxes.get(sandbox_id) is sandbox:  # not already gone (or re-created) meanwhile
             del self.sandboxes[sandbox_id]
             self.store.remove(sandbox_id)
+            self.store.settle(self.sandboxes.values())
         _resolve(sandbox.waiters)
         sandbox.waiters = None
 
@@ -246,13 +253,22 @@ class Registry:
             raise StatusError(FAILED_PRECONDITION, f"sandbox {sandbox_id} is not ready")
         return sandbox
 
-    async def load_module(self, module: Path) -> None:
-        """Have the engine compile ``module`` once per (path, mtime, size); compiles run off the loop."""
-        info = module.stat()
+    def compiled(self, module: str, info: os.stat_result) -> bool:
+        """Whether the engine has compiled ``module`` at this mtime and size."""
+        return (module, info.st_mtime_ns, info.st_size) in self._loaded
+
+    async def load_module(self, module: Path, info: os.stat_result | None = None) -> os.stat_result:
+        """Have the engine compile ``module`` once per (path, mtime, size); compiles run off the loop.
+
+        ``info`` is the module's stat if the caller has it at hand; returns the stat used (the task's
+        start hands it to the engine, which then need not take it again).
+        """
+        info = info or module.stat()
         key = (str(module), info.st_mtime_ns, info.st_size)
         if key not in self._loaded:
             await asyncio.to_thread(self.engine.load, module)
             self._loaded.add(key)
+        return info
 
     def add_task(self, sandbox: Sandbox, task: Task) -> None:
         """Attach a created task to its sandbox and persist."""
@@ -270,7 +286,7 @@ class Registry:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the sandboxer is exiting
                 loop.call_soon_threadsafe(self._exited, task, process, exit)
 
-        process.guest = self.engine.start(process.spec, on_exit)
+        process.guest = self.engine.start(process.spec, on_exit, module_stat=process.module_stat)
         process.status = RUNNING
         process.started_at = time.time()
         # Not persisted: recovery reports created and running processes alike as stopped.

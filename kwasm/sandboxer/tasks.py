@@ -73,14 +73,15 @@ class TaskService:
         self, bundle: Path, config: dict[str, Any] | None, io: TaskIO, process: dict[str, Any] | None
     ) -> Process:
         try:
-            spec = guest_spec(bundle, config if config is not None else read_config(bundle), io, process)
+            config = config if config is not None else read_config(bundle)
+            spec, info = guest_spec(bundle, config, io, process, self.registry.compiled)
         except BundleError as exc:
             raise _bundle_failure(exc) from exc
         try:
-            await self.registry.load_module(spec.module)
+            info = await self.registry.load_module(spec.module, info)
         except (KwasmError, OSError) as exc:
             raise StatusError(INVALID_ARGUMENT, f"cannot load {spec.module}: {exc}") from exc
-        return Process(exec_id="", stdin=io.stdin, stdout=io.stdout, stderr=io.stderr, spec=spec)
+        return Process(exec_id="", stdin=io.stdin, stdout=io.stdout, stderr=io.stderr, spec=spec, module_stat=info)
 
     async def create(self, request: shim_pb2.CreateTaskRequest) -> shim_pb2.CreateTaskResponse:
         """Read the bundle, compile its module and register the task (not started)."""

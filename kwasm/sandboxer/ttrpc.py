@@ -126,6 +126,7 @@ class _ServerConnection(ReadPausingProtocol):
     def __init__(self, server: TtrpcServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
         self.buffer = bytearray()
         self.calls: set[asyncio.Future[bytes]] = set()
         #: Bytes of an oversized frame still to skip, its stream id and length.
@@ -162,11 +163,14 @@ class _ServerConnection(ReadPausingProtocol):
         buffer = self.buffer
         buffer += data
         offset, size = 0, len(buffer)
+        answers: list[bytes] = []  # inline answers leave together, in one send(2)
         while size - offset >= HEADER.size and self.transport is not None:
             length, stream_id, message_type, _flags = HEADER.unpack_from(buffer, offset)
             if length > MESSAGE_LENGTH_MAX:
                 if length > DISCARD_LIMIT:
                     log.warning("closing ttrpc connection: frame of %d bytes", length)
+                    self.transport.write(b"".join(answers))
+                    answers = []
                     self.abort()
                     break
                 available = min(length, size - offset - HEADER.size)
@@ -182,13 +186,15 @@ class _ServerConnection(ReadPausingProtocol):
             offset += HEADER.size + length
             if message_type != TYPE_REQUEST:
                 continue
-            call = drive(self.server._dispatch(stream_id, payload))
+            call = drive(self.server._dispatch(stream_id, payload), self.loop)
             if call.done():  # answered without waiting: no task, no extra turn of the loop
-                self.transport.write(call.result())
+                answers.append(call.result())
             else:
                 self.calls.add(call)
                 call.add_done_callback(self._answer)
         del buffer[:offset]
+        if answers and self.transport is not None:
+            self.transport.write(b"".join(answers))
 
     def _too_large(self, stream_id: int, length: int) -> None:
         if self.transport is not None:
@@ -201,15 +207,25 @@ class _ServerConnection(ReadPausingProtocol):
             self.transport.write(call.result())
 
 
+#: Called with an answer's status code, its message and (status OK) the response payload.
+Done = Callable[[int, str, bytes], None]
+
+
 class TtrpcClient(asyncio.Protocol):
-    """A ttrpc client on one unix-socket connection; calls may run concurrently."""
+    """A ttrpc client on one unix-socket connection; calls may run concurrently.
+
+    :meth:`send` takes a callback (no future, no task); :meth:`call` is the awaitable form. Frames
+    written in one turn of the event loop leave in one ``send(2)``.
+    """
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._next_stream = 1
-        self._pending: dict[int, asyncio.Future[bytes]] = {}
-        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending: dict[int, Done] = {}
+        self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
 
     @classmethod
     async def connect(cls, path: Path | str) -> TtrpcClient:
@@ -217,32 +233,68 @@ class TtrpcClient(asyncio.Protocol):
         _transport, client = await asyncio.get_running_loop().create_unix_connection(cls, socket_path(path))
         return client
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up."""
+        return self._transport is not None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        error = ConnectionError(f"ttrpc connection closed: {exc}" if exc else "ttrpc connection closed")
-        for pending in self._pending.values():
-            if not pending.done():
-                pending.set_exception(error)
+        message = f"ttrpc connection closed: {exc}" if exc else "ttrpc connection closed"
+        pending, self._pending = self._pending, {}
+        for done in pending.values():
+            done(-1, message, b"")
         if not self._closed.done():
             self._closed.set_result(None)
 
-    async def call(self, service: str, method: str, payload: bytes, timeout: float | None = None) -> bytes:
-        """Call ``service/method`` with serialized ``payload``; returns the response payload."""
-        if self._transport is None:  # nobody would ever resolve the answer
-            raise ConnectionError("ttrpc connection closed")
-        stream_id = self._next_stream
-        self._next_stream += 2
+    def send(self, service: str, method: str, payload: bytes, done: Done, timeout: float | None = None) -> int:
+        """Start a call of ``service/method``; ``done`` gets its outcome (code -1: the connection is gone).
+
+        Returns the stream id.
+        """
         request = ttrpc_pb2.Request(service=service, method=method, payload=payload)
         if timeout:
             request.timeout_nano = int(timeout * 1e9)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[stream_id] = future
+        return self.send_request(request.SerializeToString(), done)
+
+    def send_request(self, request: bytes, done: Done) -> int:
+        """Like :meth:`send` with an already serialized ``ttrpc.Request``."""
+        if self._transport is None:  # nobody would ever answer
+            done(-1, "ttrpc connection closed", b"")
+            return 0
+        stream_id = self._next_stream
+        self._next_stream += 2
+        self._pending[stream_id] = done
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(encode_frame(stream_id, TYPE_REQUEST, request))
+        return stream_id
+
+    def _flush(self) -> None:
+        data, self._out = b"".join(self._out), []
+        if self._transport is not None:
+            self._transport.write(data)
+
+    async def call(self, service: str, method: str, payload: bytes, timeout: float | None = None) -> bytes:
+        """Call ``service/method`` with serialized ``payload``; returns the response payload."""
+        future: asyncio.Future[bytes] = self._loop.create_future()
+
+        def done(code: int, message: str, body: bytes) -> None:
+            if future.done():
+                return
+            if code < 0:
+                future.set_exception(ConnectionError(message))
+            elif code != OK:
+                future.set_exception(StatusError(code, message))
+            else:
+                future.set_result(body)
+
+        stream_id = self.send(service, method, payload, done, timeout)
         try:
-            self._transport.write(encode_frame(stream_id, TYPE_REQUEST, request.SerializeToString()))
             return await future
         finally:
             self._pending.pop(stream_id, None)
@@ -257,8 +309,7 @@ class TtrpcClient(asyncio.Protocol):
                 break
             payload = bytes(buffer[offset + HEADER.size : offset + HEADER.size + length])
             offset += HEADER.size + length
-            pending = self._pending.get(stream_id)
-            if message_type != TYPE_RESPONSE or pending is None or pending.done():
+            if message_type != TYPE_RESPONSE or stream_id not in self._pending:
                 continue
             try:
                 response = ttrpc_pb2.Response.FromString(payload)
@@ -266,14 +317,16 @@ class TtrpcClient(asyncio.Protocol):
                 if self._transport is not None:
                     self._transport.close()  # not a ttrpc server: every call fails with ConnectionError
                 return
+            done = self._pending.pop(stream_id)
             if response.status.code != OK:
-                pending.set_exception(StatusError(response.status.code, response.status.message))
+                done(response.status.code, response.status.message, b"")
             else:
-                pending.set_result(response.payload)
+                done(OK, "", response.payload)
         del buffer[:offset]
 
     async def close(self) -> None:
-        """Close the connection; calls still waiting fail with ConnectionError."""
+        """Close the connection (after sending what is queued); calls still waiting fail with ConnectionError."""
         if self._transport is not None:
+            self._flush()
             self._transport.close()
         await self._closed
