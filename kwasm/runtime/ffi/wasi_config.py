@@ -37,6 +37,22 @@ def _forget_output(key: Any) -> None:
     _outputs.pop(key, None)
 
 
+#: Recently used string lists as C ``char **`` (wasmtime copies them): many guests share argv and env.
+_C_STRINGS: dict[tuple[str, ...], tuple[Any, Any]] = {}
+_C_STRINGS_KEPT = 256
+
+
+def _c_strings(items: tuple[str, ...]) -> tuple[Any, Any]:
+    """``(array, char **)`` for ``items`` (UTF-8): hold the pair while the pointer is in use."""
+    cached = _C_STRINGS.get(items)
+    if cached is None:
+        if len(_C_STRINGS) >= _C_STRINGS_KEPT:
+            _C_STRINGS.clear()
+        array = (c_char_p * len(items))(*(item.encode() for item in items))
+        cached = _C_STRINGS[items] = (array, _array_pointer(array))
+    return cached
+
+
 class WasiConfig:
     """A WASI context under construction (consumed by :meth:`Store.set_wasi`)."""
 
@@ -55,15 +71,14 @@ class WasiConfig:
 
     def argv(self, argv: list[str]) -> None:
         """Set the program arguments (``argv[0]`` first)."""
-        items = (c_char_p * len(argv))(*(a.encode() for a in argv))
-        if not held.wasi_config_set_argv(self._ptr, len(argv), _array_pointer(items)):
+        strings = _c_strings(tuple(argv))  # held here: another thread may empty the cache meanwhile
+        if not held.wasi_config_set_argv(self._ptr, len(argv), strings[1]):
             raise ValueError("invalid argv")
 
     def env(self, env: dict[str, str]) -> None:
         """Set the environment."""
-        names = (c_char_p * len(env))(*(k.encode() for k in env))
-        values = (c_char_p * len(env))(*(v.encode() for v in env.values()))
-        if not held.wasi_config_set_env(self._ptr, len(env), _array_pointer(names), _array_pointer(values)):
+        names, values = _c_strings(tuple(env)), _c_strings(tuple(env.values()))
+        if not held.wasi_config_set_env(self._ptr, len(env), names[1], values[1]):
             raise ValueError("invalid environment")
 
     def stdin_file(self, path: str) -> None:
