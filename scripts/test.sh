@@ -9,7 +9,7 @@ APT_PACKAGES=(
   rustc libstd-rust-dev-wasm32
   clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32
   nodejs
-  gcc  # builds kwasm's C extension (kwasm/runtime/_native.c) during pip install
+  gcc  # builds kwasm's C extension (native/*.c) during pip install
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

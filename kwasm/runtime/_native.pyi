@@ -1,4 +1,4 @@
-"""Types of the C extension kwasm/runtime/_native.c (the engine's per-wake-up hot path)."""
+"""Types of the C extension built from native/*.c (the engine's per-wake-up hot path)."""
 
 POLL_ONEOFF: int
 CLOCK_TIME_GET: int

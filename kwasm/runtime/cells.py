@@ -55,7 +55,7 @@ class CellPool:
 
 
 class GuestCell:
-    """A guest's native record (see ``_native.c``): its wake-up flag, current wait and store handles.
+    """A guest's native record (see ``native/kwasm_native.h``): its wake-up flag, current wait and store handles.
 
     The cell's address is the guest's wasmtime store data, so the native host functions find it
     from any call. Its first byte is the wake-up flag and the second is always 0: the continuation

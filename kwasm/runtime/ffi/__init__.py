@@ -3,7 +3,7 @@
 wasmtime-py wraps only the synchronous API; its private ``_ffi`` module carries ctypes bindings for
 the async one (async host functions, async instantiation, call futures, epoch yields). Everything
 kwasm needs from it lives in this package, so a wasmtime upgrade is this package's work (and
-``_native.c``'s, which gets its wasmtime function addresses from here). ``wasmtime`` is pinned to one
+``native/``'s, which gets its wasmtime function addresses from here). ``wasmtime`` is pinned to one
 major version in pyproject.toml for that reason.
 
 * :mod:`.hostcalls` — async host functions (:class:`HostCall`, :func:`define_async`, linkers);
