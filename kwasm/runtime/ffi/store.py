@@ -57,11 +57,10 @@ class Store:
     """A wasmtime store for one guest; its data is the guest's :class:`GuestCell` (host calls read its key)."""
 
     # Plain addresses, not ctypes pointer objects: a sleeping guest's store adds no cyclic-GC work.
-    __slots__ = ("_address", "_calls_python", "_context_address", "cell")
+    __slots__ = ("_address", "_context_address", "cell")
 
     def __init__(self, engine: wasmtime.Engine, cell: GuestCell) -> None:
         self.cell = cell
-        self._calls_python = False
         store = held.wasmtime_store_new(engine.ptr(), cell.address, _NULL_FINALIZER)
         self._address = int(c_void_p.from_buffer(store).value or 0)
         self._context_address = int(c_void_p.from_buffer(held.wasmtime_store_context(store)).value or 0)
@@ -96,7 +95,6 @@ class Store:
     def set_wasi(self, config: WasiConfig) -> None:
         """Install the WASI context (consumes ``config``)."""
         ptr, config._ptr = config._ptr, None
-        self._calls_python = config.calls_python
         err = held.wasmtime_context_set_wasi(self._context, ptr)
         if err:
             raise OSError(_error_message(err))
@@ -119,20 +117,13 @@ class Store:
             self._address = 0
 
     def instantiate(self, pre: InstancePre) -> Instance:
-        """Instantiate a pre-linked module in this store (polled to completion).
-
-        The GIL is kept while instantiating (the caller, e.g. the sandboxer's event loop, would
-        otherwise queue behind the scheduler threads to get it back) unless the guest's output goes
-        to Python callbacks: a start function could write, and the built-in WASI functions call
-        those callbacks from threads of their own.
-        """
+        """Instantiate a pre-linked module in this store (polled to completion, the GIL released)."""
         instance = ffi.wasmtime_instance_t()
         _native.set_running_key(self.key)
         _run_to_completion(
             lambda trap, err: held.wasmtime_instance_pre_instantiate_async(
                 pre.ptr, self._context, byref(instance), trap, err
-            ),
-            hold_gil=not self._calls_python,
+            )
         )
         return Instance(self, instance)
 

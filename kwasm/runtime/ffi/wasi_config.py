@@ -56,12 +56,10 @@ def _c_strings(items: tuple[str, ...]) -> tuple[Any, Any]:
 class WasiConfig:
     """A WASI context under construction (consumed by :meth:`Store.set_wasi`)."""
 
-    __slots__ = ("_ptr", "calls_python")
+    __slots__ = ("_ptr",)
 
     def __init__(self) -> None:
         self._ptr: Any = held.wasi_config_new()
-        #: Whether some output goes to a Python callback (see :meth:`output_callback`).
-        self.calls_python = False
 
     def discard(self) -> None:
         """Free a configuration that will not be installed."""
@@ -98,7 +96,6 @@ class WasiConfig:
         """Hand every chunk written to stdout (fd 1) or stderr (fd 2) to ``callback``."""
         key = next(_output_keys)
         _outputs[key] = callback
-        self.calls_python = True
         setter = held.wasi_config_set_stdout_custom if fd == 1 else held.wasi_config_set_stderr_custom
         setter(self._ptr, _write_output, key, _forget_output)
 
