@@ -172,8 +172,6 @@ static PyObject *TimerHeap_unbind(TimerHeap *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static Py_ssize_t TimerHeap_len(TimerHeap *self) { return (Py_ssize_t)self->len; }
-
 static void TimerHeap_dealloc(TimerHeap *self) {
     if (thread_heap == self)
         thread_heap = NULL;
@@ -194,8 +192,6 @@ static PyMethodDef TimerHeap_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PySequenceMethods TimerHeap_as_sequence = {.sq_length = (lenfunc)TimerHeap_len};
-
 PyTypeObject TimerHeapType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kwasm.runtime._native.TimerHeap",
     .tp_basicsize = sizeof(TimerHeap),
@@ -204,7 +200,6 @@ PyTypeObject TimerHeapType = {
     .tp_new = PyType_GenericNew,
     .tp_dealloc = (destructor)TimerHeap_dealloc,
     .tp_methods = TimerHeap_methods,
-    .tp_as_sequence = &TimerHeap_as_sequence,
 };
 
 PyObject *native_poll(PyObject *module, PyObject *address) {

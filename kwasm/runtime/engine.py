@@ -144,19 +144,18 @@ class Guest:
         return False
 
     def run_slice(self) -> bool:
-        """Run until the next suspension point; True when the guest has ended."""
+        """Run until the next suspension point; True once ``_start`` has finished (then :meth:`conclude`)."""
         if self._exit is not None:
             return True
         if self._future is None:
             assert self._store is not None
             self._future = ffi.CallFuture(self._store, self._exports)
-        if not self._future.poll():
-            return False
-        self.conclude()
-        return True
+        return self._future.poll()
 
     def conclude(self) -> None:
         """Record how the guest ended once its call future has completed, and clean up."""
+        if self._exit is not None:
+            return
         assert self._future is not None
         code, message = self._future.outcome()
         if code is None:

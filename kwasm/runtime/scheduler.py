@@ -36,10 +36,10 @@ class Task(Protocol):
     cell: GuestCell
 
     def run_slice(self) -> bool:
-        """Poll the guest once; True when it has finished (and has been cleaned up)."""
+        """Poll the guest once; True when it has finished (then :meth:`conclude` is called)."""
 
     def conclude(self) -> None:
-        """Clean up a guest whose last slice (run natively) finished it."""
+        """Record the exit of a guest whose last slice (run here or natively) finished it, and clean up."""
 
     def abort(self, reason: ExitReason) -> None:
         """Stop a guest that is not running right now (killed, timed out, or failed in the host)."""
@@ -183,7 +183,7 @@ class Scheduler:
         self._reaped += 1
         try:
             task.conclude()
-        except Exception:  # as in _run_one: a host-side bug must not end this thread
+        except Exception:  # a host-side bug must not end the thread that runs every other guest
             log.exception("guest %r failed on scheduler thread %s", task, self._thread.name)
             task.abort(ExitReason.TRAPPED)
 
@@ -198,8 +198,7 @@ class Scheduler:
             self._reap(task, ExitReason.TRAPPED)
             return
         if finished:
-            del self._tasks[task.id]
-            self._reaped += 1
+            self._conclude(task)
         elif task.cell.wait == seq:  # no new wait registered: it yielded on an epoch tick
             self._runnable.append(task)
 
