@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
-from google.protobuf.any_pb2 import Any as AnyMessage
 
 from kwasm.api import sandbox_pb2, shim_pb2
 from kwasm.errors import SandboxerError
 from kwasm.sandboxer.client import SandboxerClient, TaskClient
 from kwasm.sandboxer.daemon import raise_nofile
-from kwasm.sandboxer.launch import make_bundle, pod_config
-from kwasm.sandboxer.podpump import PodPump, PodRequests, Requests, update_request
+from kwasm.sandboxer.launch import make_bundle
+from kwasm.sandboxer.podpump import PodPump, PodRequests, Requests, create_request, update_request
 from kwasm.sandboxer.ttrpc import TtrpcClient
 from kwasm.sandboxer.wireclient import WireClient
 
@@ -75,7 +74,7 @@ class DensityResult:
 
 
 class PodController(Protocol):
-    """The Controller calls a pod needs (grpcio's :class:`SandboxerClient` or the lean :class:`WireClient`)."""
+    """The Controller calls a pod needs (grpcio's :class:`SandboxerClient`)."""
 
     async def create(self, request: sandbox_pb2.ControllerCreateRequest) -> sandbox_pb2.ControllerCreateResponse:
         """Controller.Create."""
@@ -91,11 +90,7 @@ async def start_pod(
     sandboxes: PodController, tasks: TaskClient, sandbox_id: str, bundle: Path, stdout: str = ""
 ) -> str:
     """Create, start and announce a sandbox, then create and start its one task; returns the task id."""
-    await sandboxes.create(
-        sandbox_pb2.ControllerCreateRequest(
-            sandbox_id=sandbox_id, options=AnyMessage(value=pod_config(sandbox_id)), sandboxer="kwasm"
-        )
-    )
+    await sandboxes.create(create_request(sandbox_id))
     await sandboxes.start(sandbox_id)
     task_id = f"{sandbox_id}-c"
     await sandboxes.update(update_request(sandbox_id, [task_id], stdout))

@@ -40,6 +40,13 @@ def tasks_extension(task_ids: list[str], stdout: str = "") -> AnyMessage:
     return AnyMessage(type_url="github.com/containerd/containerd/Tasks", value=json.dumps({"tasks": tasks}).encode())
 
 
+def create_request(sandbox_id: str) -> sandbox_pb2.ControllerCreateRequest:
+    """Controller.Create as iSulad sends it: a serialized PodSandboxConfig with an empty ``type_url``."""
+    return sandbox_pb2.ControllerCreateRequest(
+        sandbox_id=sandbox_id, options=AnyMessage(value=pod_config(sandbox_id)), sandboxer="kwasm"
+    )
+
+
 def update_request(sandbox_id: str, task_ids: list[str], stdout: str = "") -> sandbox_pb2.ControllerUpdateRequest:
     """Controller.Update announcing ``task_ids`` as iSulad does before Task.Create."""
     request = sandbox_pb2.ControllerUpdateRequest(sandbox_id=sandbox_id, sandboxer="kwasm", fields=["extensions.tasks"])
@@ -64,9 +71,7 @@ class PodRequests:
         task_id = f"{sandbox_id}-c"
         create = shim_pb2.CreateTaskRequest(id=task_id, bundle=self.bundle, stdout=self.stdout)
         return (
-            sandbox_pb2.ControllerCreateRequest(
-                sandbox_id=sandbox_id, options=AnyMessage(value=pod_config(sandbox_id)), sandboxer="kwasm"
-            ).SerializeToString(),
+            create_request(sandbox_id).SerializeToString(),
             sandbox_pb2.ControllerStartRequest(sandbox_id=sandbox_id).SerializeToString(),
             update_request(sandbox_id, [task_id], self.stdout).SerializeToString(),
             ttrpc_pb2.Request(service=TASK_SERVICE, method="Create", payload=create.SerializeToString())

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import hpack
 
-from kwasm.api import sandbox_pb2
 from kwasm.sandboxer.h2frames import (
     ACK,
     CANCEL,
@@ -215,19 +214,6 @@ class WireClient(asyncio.Protocol):
             done(INTERNAL, "answer without a message", b"")
         else:
             done(0, "", bytes(body[5:]))
-
-    async def create(self, request: sandbox_pb2.ControllerCreateRequest) -> sandbox_pb2.ControllerCreateResponse:
-        """Controller.Create."""
-        return sandbox_pb2.ControllerCreateResponse.FromString(await self.call("Create", request.SerializeToString()))
-
-    async def start(self, sandbox_id: str) -> sandbox_pb2.ControllerStartResponse:
-        """Controller.Start."""
-        request = sandbox_pb2.ControllerStartRequest(sandbox_id=sandbox_id).SerializeToString()
-        return sandbox_pb2.ControllerStartResponse.FromString(await self.call("Start", request))
-
-    async def update(self, request: sandbox_pb2.ControllerUpdateRequest) -> sandbox_pb2.ControllerUpdateResponse:
-        """Controller.Update."""
-        return sandbox_pb2.ControllerUpdateResponse.FromString(await self.call("Update", request.SerializeToString()))
 
     async def close(self) -> None:
         """Close the connection (after sending what is queued)."""
