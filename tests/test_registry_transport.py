@@ -134,6 +134,12 @@ def _host(server: _Server) -> str:
     return f"127.0.0.1:{server.server_address[1]}"
 
 
+def _assert_demo_stored(kwasm_root: Path, reference: str) -> None:
+    """The pulled image is in the local store and its module is the demo app's, byte for byte."""
+    image = ImageStore(kwasm_root).resolve(reference)
+    assert ImageStore(kwasm_root).module_path(image).read_bytes() == DEMO_WASM.read_bytes()
+
+
 def _serve_demo(tmp_path: Path, *servers: _Server) -> str:
     """Put the demo artifact's manifest and blobs on ``servers`` under repository ``demo``; its digest."""
     store = ImageStore(tmp_path / "source")
@@ -167,8 +173,7 @@ def test_redirected_blobs_are_fetched_without_the_registry_credentials(
     pulled = json.loads(kwasm("pull", f"{_host(registry)}/demo:1", "--json", check=True).stdout)
 
     assert pulled["digest"] == digest
-    image = ImageStore(kwasm_root).resolve(f"{_host(registry)}/demo:1")
-    assert ImageStore(kwasm_root).module_path(image).read_bytes() == DEMO_WASM.read_bytes()
+    _assert_demo_stored(kwasm_root, f"{_host(registry)}/demo:1")
     blob_gets = [path for method, path, _ in storage.seen.requests if method == "GET"]
     assert len(blob_gets) == 2, storage.seen.requests  # config + layer, both through the redirect
     assert all(auth == "" for _, _, auth in storage.seen.requests), "credentials leaked to another host"
@@ -195,10 +200,9 @@ def test_a_connection_the_server_dropped_while_idle_is_reopened(
     digest = _serve_demo(tmp_path, registry)
     registry.drop_after_each_response = True
 
-    pulled = kwasm("pull", f"{_host(registry)}/demo:1", "--json")
+    pulled = json.loads(kwasm("pull", f"{_host(registry)}/demo:1", "--json", check=True).stdout)
 
-    assert pulled.returncode == 0, pulled.stderr
-    assert json.loads(pulled.stdout)["digest"] == digest
+    assert pulled["digest"] == digest
     assert registry.seen.connections == 4, "one fresh connection per request, each after the old one broke"
 
 
@@ -210,12 +214,10 @@ def test_bodies_without_a_content_length_are_read_to_their_end(
     digest = _serve_demo(tmp_path, registry)
     registry.framing = framing
 
-    pulled = kwasm("pull", f"{_host(registry)}/demo:1", "--json")
+    pulled = json.loads(kwasm("pull", f"{_host(registry)}/demo:1", "--json", check=True).stdout)
 
-    assert pulled.returncode == 0, pulled.stderr
-    assert json.loads(pulled.stdout)["digest"] == digest
-    image = ImageStore(kwasm_root).resolve(f"{_host(registry)}/demo:1")
-    assert ImageStore(kwasm_root).module_path(image).read_bytes() == DEMO_WASM.read_bytes()
+    assert pulled["digest"] == digest
+    _assert_demo_stored(kwasm_root, f"{_host(registry)}/demo:1")
     assert registry.seen.connections == (1 if framing == "chunked" else 4)
 
 
